@@ -1,0 +1,14 @@
+"""Errors the user can fix. The CLI turns these into a message and exit code 2."""
+
+
+class ExportError(RuntimeError):
+    """An exported model failed its checks: missing tensors or logits that differ."""
+
+
+class UserInputError(Exception):
+    """Bad recipe, data or arguments. ``where`` is a field path or ``file:line``."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+        self.message = message

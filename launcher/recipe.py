@@ -1,0 +1,359 @@
+"""The recipe: one typed, frozen, documented schema for a fine-tuning run.
+
+Every field's description is its documentation (``ftlaunch check --explain`` prints them).
+Validation here is purely structural and arithmetic; checks that need the model, tokenizer or
+hardware live in ``launcher/preflight.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from launcher.errors import UserInputError
+from launcher.yamlio import KeyPath, apply_overrides, load_yaml_with_lines
+
+AttentionKernel = Literal["auto", "flash_attention_2", "flex", "sdpa", "eager"]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class ModelSection(Section):
+    name_or_path: str | None = Field(
+        None, description="Hugging Face hub id or local directory of a pretrained model."
+    )
+    architecture: dict[str, Any] | None = Field(
+        None,
+        description="Build a freshly initialised model from this config instead of loading "
+        "weights, e.g. {model_type: llama, hidden_size: 64, num_hidden_layers: 2, ...}.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer hub id or directory; defaults to model.name_or_path."
+    )
+    revision: str | None = Field(
+        None, description="Git revision (commit, tag or branch) of the hub model to load."
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run modelling code shipped with the checkpoint. Requires a pinned "
+        "model.revision so the code cannot change under you.",
+    )
+    dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="Training precision. bf16 needs an Ampere+ GPU or a CPU."
+    )
+    attention: AttentionKernel = Field(
+        "auto",
+        description="Attention kernel. auto picks flash_attention_2 on an sm80+ GPU with "
+        "flash-attn installed, else sdpa. An explicit kernel this machine cannot run is an error.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass (non-reentrant)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSection:
+        if (self.name_or_path is None) == (self.architecture is None):
+            raise ValueError("set exactly one of model.name_or_path or model.architecture")
+        if self.architecture is not None:
+            if "model_type" not in self.architecture:
+                raise ValueError("model.architecture needs a model_type, e.g. llama")
+            if self.tokenizer is None:
+                raise ValueError("model.tokenizer is required with model.architecture")
+        if self.trust_remote_code and self.revision is None:
+            raise ValueError("model.trust_remote_code needs a pinned model.revision")
+        return self
+
+
+class LoraSection(Section):
+    r: PositiveInt = Field(16, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="Module name suffixes to adapt (e.g. [q_proj, v_proj]) or all-linear. "
+        "Every listed name must match a module of the model.",
+    )
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="Modules trained in full beside the adapter."
+    )
+
+
+class DataSource(Section):
+    path: str = Field(
+        description="A local .jsonl/.json/.parquet/.csv file, a directory of them, or a hub "
+        "dataset name."
+    )
+    split: str = Field("train", description="Split to read from a hub dataset or directory.")
+    subset: str | None = Field(None, description="Hub dataset configuration name.")
+    revision: str | None = Field(None, description="Hub dataset revision.")
+
+
+class FieldNames(Section):
+    instruction: str = Field("instruction", description="instruction format: the task text.")
+    input: str = Field("input", description="instruction format: optional extra input.")
+    output: str = Field("output", description="instruction format: the target response.")
+    text: str = Field("text", description="text format: the document.")
+    messages: str | None = Field(
+        None, description="chat format: the list of turns; default messages or conversations."
+    )
+    role: str | None = Field(None, description="chat format: turn role key; default role/from.")
+    content: str | None = Field(
+        None, description="chat format: turn text key; default content/value."
+    )
+
+
+def _coerce_source(value: Any) -> Any:
+    return {"path": value} if isinstance(value, str) else value
+
+
+class DataSection(Section):
+    train: DataSource = Field(description="Training data (a path string is shorthand).")
+    validation: DataSource | None = Field(None, description="Validation data, if separate.")
+    val_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this fraction of train as validation."
+    )
+    format: Literal["instruction", "chat", "text"] = Field(
+        description="instruction: alpaca-style instruction/input/output; chat: OpenAI "
+        "messages (role/content) or ShareGPT conversations (from/value); text: plain documents."
+    )
+    fields: FieldNames = Field(default_factory=FieldNames, description="Column names.")
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template (inline or a file path) for tokenizers without one.",
+    )
+    prompt_template: str = Field(
+        "### Instruction:\n{instruction}\n\n{input_block}### Response:\n",
+        description="instruction format: how the prompt is rendered; {input_block} is "
+        "'### Input:\\n{input}\\n\\n' when the row has an input, else empty.",
+    )
+    train_on_prompt: bool = Field(False, description="Train on prompt tokens too.")
+    max_length: PositiveInt = Field(2048, description="Maximum tokens per example.")
+    overflow: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with examples longer than max_length."
+    )
+    packing: bool = Field(
+        False,
+        description="Concatenate examples into rows of max_length with attention kept "
+        "inside each example.",
+    )
+    shuffle: bool = Field(True, description="Shuffle the training set every epoch.")
+    cache_dir: str | None = Field(
+        None, description="Tokenization cache; default ~/.cache/ftlaunch/tokenized."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("train", "validation"):
+                if key in data:
+                    data[key] = _coerce_source(data[key])
+        return data
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> DataSection:
+        if self.validation is not None and self.val_fraction > 0:
+            raise ValueError("set data.validation or data.val_fraction, not both")
+        return self
+
+
+class TrainSection(Section):
+    max_steps: PositiveInt | None = Field(
+        None, description="Optimizer steps to run; default from train.epochs."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the data when max_steps is unset.")
+    micro_batch_size: PositiveInt = Field(1, description="Examples per rank per forward pass.")
+    grad_accum: PositiveInt = Field(1, description="Micro batches accumulated per step.")
+    global_batch_size: PositiveInt | None = Field(
+        None,
+        description="Optional check: must equal micro_batch_size x grad_accum x num_workers.",
+    )
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    lr_schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Warmup steps (overrides ratio).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: off.")
+    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+
+
+class DeepSpeedSection(Section):
+    config: str = Field(
+        "zero2",
+        description="A preset name from ds_configs/ (zero1, zero2, zero3, zero3_offload) or a "
+        "path to a DeepSpeed JSON file; 'auto' values are filled from the recipe.",
+    )
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Deep-merged into the DeepSpeed config."
+    )
+
+
+class ResourcesSection(Section):
+    num_workers: PositiveInt = Field(1, description="Training processes (one per GPU).")
+    use_gpu: bool = Field(True, description="One GPU per worker; false trains on CPU with gloo.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places workers across nodes."
+    )
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment variables for every worker (e.g. NCCL_SOCKET_IFNAME).",
+    )
+
+
+class CheckpointSection(Section):
+    every_steps: PositiveInt | None = Field(None, description="Save every N optimizer steps.")
+    keep_last: int = Field(2, ge=2, description="Committed checkpoints kept (at least 2).")
+    max_failures: int = Field(
+        0, ge=0, description="Restarts from the newest checkpoint after a worker failure."
+    )
+
+
+class GenerationEval(Section):
+    max_new_tokens: PositiveInt = Field(32, description="Greedy decoding length limit.")
+    num_examples: PositiveInt = Field(64, description="Validation examples to decode.")
+
+
+class EvalSection(Section):
+    every_steps: PositiveInt | None = Field(None, description="Evaluate every N steps.")
+    at_start: bool = Field(False, description="Also evaluate before the first step (step 0).")
+    at_end: bool = Field(True, description="Evaluate after the last step.")
+    max_batches: PositiveInt | None = Field(None, description="Cap on validation batches.")
+    exact_match: GenerationEval | None = Field(
+        None, description="Greedy-decode validation prompts and report eval_exact_match."
+    )
+
+
+class LoggingSection(Section):
+    every_steps: PositiveInt = Field(1, description="Write metrics every N steps.")
+    progress: bool = Field(True, description="Show a live progress line on the driver.")
+
+
+class Recipe(Section):
+    output_dir: str = Field(description="Run directory: checkpoints, metrics and final model.")
+    task: Literal["causal_lm"] = Field("causal_lm", description="What is trained.")
+    method: Literal["full", "lora"] = Field(description="full fine-tuning or LoRA adapters.")
+    model: ModelSection
+    lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    resources: ResourcesSection = Field(default_factory=ResourcesSection)
+    checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_lora(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("method") == "lora" and data.get("lora") is None:
+            data = {**data, "lora": {}}
+        return data
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Recipe:
+        if self.lora is not None and self.method != "lora":
+            raise ValueError("lora: the lora section is only allowed with method: lora")
+        expected = self.train.micro_batch_size * self.train.grad_accum * self.resources.num_workers
+        if self.train.global_batch_size is not None and self.train.global_batch_size != expected:
+            raise ValueError(
+                f"train.global_batch_size: {self.train.global_batch_size} but micro_batch_size "
+                f"({self.train.micro_batch_size}) x grad_accum ({self.train.grad_accum}) x "
+                f"resources.num_workers ({self.resources.num_workers}) = {expected}"
+            )
+        if self.model.dtype == "fp16" and not self.resources.use_gpu:
+            raise ValueError("model.dtype: fp16 needs GPUs; use fp32 or bf16 on CPU")
+        if self.model.attention == "flash_attention_2" and not self.resources.use_gpu:
+            raise ValueError("model.attention: flash_attention_2 needs GPUs (resources.use_gpu)")
+        return self
+
+    @property
+    def global_batch_size(self) -> int:
+        t = self.train
+        return t.micro_batch_size * t.grad_accum * self.resources.num_workers
+
+
+def _field_path(loc: tuple[Any, ...]) -> KeyPath:
+    """Pydantic locations include validator names for unions; keep only real keys."""
+    return tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-",)))
+
+
+def validate_recipe(
+    data: Any, source: str = "recipe", lines: dict[KeyPath, int] | None = None
+) -> Recipe:
+    """Validate plain data into a Recipe, turning the first error into a UserInputError."""
+    if not isinstance(data, dict):
+        raise UserInputError(source, "a recipe must be a YAML mapping of sections")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = _field_path(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message, re.S)
+        if named and err["type"] == "value_error":
+            path = (*path, *named.group(1).split(".")[len(path):])
+            message = named.group(2)
+        dotted = ".".join(str(p) for p in path) or "recipe"
+        line = _nearest_line(lines or {}, path)
+        where = f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+        if err["type"] == "extra_forbidden":
+            message = f"unknown field '{path[-1]}'" + _suggest(path, data)
+        raise UserInputError(where, message) from None
+
+
+def _nearest_line(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines and end > 0:
+            return lines[path[:end]]
+    return None
+
+
+def _suggest(path: KeyPath, data: dict[str, Any]) -> str:
+    import difflib
+
+    model: type[BaseModel] = Recipe
+    for key in path[:-1]:
+        info = model.model_fields.get(str(key))
+        if info is None:
+            return ""
+        annotation = info.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if _is_model(a)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    close = difflib.get_close_matches(str(path[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides, and validate it."""
+    path = Path(path)
+    data, lines = load_yaml_with_lines(path)
+    if data is None:
+        raise UserInputError(str(path), "the recipe is empty")
+    if not isinstance(data, dict):
+        raise UserInputError(str(path), "a recipe must be a YAML mapping of sections")
+    data = apply_overrides(data, list(overrides))
+    return validate_recipe(data, str(path), lines)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return recipe.model_dump(mode="json")
