@@ -1,0 +1,158 @@
+"""The ``ftlaunch`` command: argument parsing and exit codes, nothing else.
+
+Exit codes: 0 success, 1 training failure, 2 invalid recipe, data or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from launcher.errors import ExportError, UserInputError
+
+SUBCOMMANDS = ("train", "check", "export", "k8s")
+
+
+def _recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="the YAML recipe")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set train.lr=1e-4 (repeatable)",
+    )
+    parser.add_argument("--output-dir", help="override output_dir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftlaunch",
+        description="Fine-tune a model from one YAML recipe with DeepSpeed ZeRO on Ray Train. "
+        "'ftlaunch RECIPE.yaml' is short for 'ftlaunch train RECIPE.yaml'.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train (resumes an unfinished run in output_dir)")
+    _recipe_args(train)
+    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    train.add_argument(
+        "--allow-recipe-change", action="store_true",
+        help="resume even though fields that matter changed since the run started",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no live progress line")
+    train.add_argument(
+        "--backend", choices=("ray", "torchrun"), default="ray",
+        help="ray: Ray Train on a Ray cluster (default); torchrun: this machine only, no Ray",
+    )
+    check = sub.add_parser("check", help="validate and print the resolved recipe and DeepSpeed config")
+    _recipe_args(check)
+    check.add_argument(
+        "--offline", action="store_true",
+        help="skip the checks that need the model, tokenizer and data (hub-hosted recipes)",
+    )
+    export = sub.add_parser("export", help="write a Hugging Face model directory from a run")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
+    export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
+    export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
+    from launcher import k8s
+
+    k8s.add_arguments(sub.add_parser("k8s", help="print a KubeRay RayJob manifest"))
+    return parser
+
+
+def load(args: argparse.Namespace):  # -> Recipe
+    from launcher.recipe import load_recipe
+
+    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    return load_recipe(args.recipe, overrides)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    import yaml
+
+    from launcher.prepare import prepare, prepare_offline
+
+    if args.offline:
+        recipe, ds_config = prepare_offline(load(args))
+    else:
+        prepared = prepare(load(args))
+        recipe, ds_config = prepared.recipe, prepared.ds_config
+        for name, stats in prepared.data.stats.items():
+            print(f"# {stats.summary(name)}", file=sys.stderr)
+    print("# resolved recipe")
+    print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    print("# DeepSpeed config")
+    print(json.dumps(ds_config, indent=2))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher import orchestrate
+    from launcher.export import export_run
+    from launcher.prepare import prepare
+    from launcher.rundir import check_resumable, write_run_files
+
+    prepared = prepare(load(args))
+    recipe = prepared.recipe
+    run_dir = Path(recipe.output_dir)
+    resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
+    if args.backend == "torchrun":
+        write_run_files(run_dir, recipe, prepared.ds_config)
+        if orchestrate.run_torchrun(recipe, run_dir) != 0:
+            print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
+            return 1
+        print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
+        return 0
+    started_here = orchestrate.connect(args.address, recipe)
+    try:
+        orchestrate.check_capacity(recipe)
+        write_run_files(run_dir, recipe, prepared.ds_config)
+        print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
+        trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
+        orchestrate.fit(trainer, run_dir, progress=not args.no_progress)
+    except orchestrate.TrainingFailed as e:
+        print(f"ftlaunch: training failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if started_here:
+            import ray
+
+            ray.shutdown()
+    final = export_run(run_dir)
+    print(f"[ftlaunch] model exported and verified: {final}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.checkpoint, args.merge_lora)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "train")
+    args = build_parser().parse_args(argv)
+    commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
+    try:
+        if args.command == "k8s":
+            from launcher import k8s
+
+            return k8s.run(args)
+        return commands[args.command](args)
+    except UserInputError as e:
+        print(f"ftlaunch: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"ftlaunch: export failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("ftlaunch: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

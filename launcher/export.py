@@ -1,0 +1,180 @@
+"""Export a committed checkpoint as a Hugging Face model directory, and prove it loads.
+
+Weights are consolidated from the ZeRO shards with DeepSpeed's own ``zero_to_fp32`` reader, so
+the same path serves every ZeRO stage. The directory is written beside its destination and
+renamed into place only after it has been reloaded and its logits checked.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher import checkpoint as ckpt
+from launcher.errors import ExportError, UserInputError
+from launcher.modeling import DTYPES, load_model_config, load_tokenizer, lora_config
+from launcher.recipe import Recipe
+from launcher.rundir import load_resolved
+from launcher.worker import probe_ids
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+
+
+def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
+    done = ckpt.committed(run_dir)
+    if step is not None:
+        done = [c for c in done if c.step == step]
+        if not done:
+            steps = [c.step for c in ckpt.committed(run_dir)]
+            raise UserInputError("--checkpoint", f"no committed checkpoint at step {step}; have {steps}")
+    if not done:
+        raise UserInputError(str(run_dir), "no committed checkpoint to export")
+    chosen = done[0]
+    manifest = ckpt.read_manifest(chosen.path)
+    problem = ckpt.check_files(chosen.path, manifest, sorted(manifest["files"]))
+    if problem:
+        raise UserInputError(str(chosen.path), f"checkpoint is corrupt: {problem}")
+    return chosen
+
+
+def consolidated_state(chosen: ckpt.Candidate) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(chosen.path.parent), tag=chosen.path.name)
+
+
+def rebuild(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained model in fp32 on CPU: an uninitialised skeleton, then the trained tensors."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = load_model_config(recipe.model)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if recipe.method == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(recipe.lora))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = _tied_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ExportError(f"checkpoint does not match the model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}")
+    model.tie_weights()
+    empty = [n for n, p in model.named_parameters() if p.numel() == 0 or p.is_meta]
+    if empty:
+        raise ExportError(f"empty or unmaterialised tensors after loading: {empty[:5]}")
+    return model.eval()
+
+
+def _tied_names(model: torch.nn.Module) -> set[str]:
+    getter = getattr(model, "get_output_embeddings", None)
+    if getattr(model.config, "tie_word_embeddings", False) and getter and getter() is not None:
+        return {n for n, p in model.named_parameters(remove_duplicate=False) if p is getter().weight}
+    return {n for n in ("lm_head.weight",) if getattr(model.config, "tie_word_embeddings", False)}
+
+
+def export_run(
+    run_dir: Path, out: Path | None = None, step: int | None = None, merge_lora: bool = False
+) -> Path:
+    run_dir = run_dir.resolve()
+    recipe = load_resolved(run_dir)
+    if recipe is None:
+        raise UserInputError(str(run_dir), "not a run directory (no recipe.resolved.yaml)")
+    if merge_lora and recipe.method != "lora":
+        raise UserInputError("--merge-lora", "only for runs with method: lora")
+    out = (out or run_dir / "final").resolve()
+    chosen = choose_checkpoint(run_dir, step)
+    model = rebuild(recipe, consolidated_state(chosen))
+    dtype = DTYPES[recipe.model.dtype]
+    tokenizer = load_tokenizer(recipe.model)
+    probe = torch.tensor([probe_ids(tokenizer)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        if recipe.method == "lora" and merge_lora:
+            model = model.merge_and_unload()
+        expected = _logits(model.to(dtype), probe)
+        _save(model, recipe, staging, merge_lora, final_dir=out)
+        tokenizer.save_pretrained(str(staging))
+        got = _logits(load_exported(staging, dtype), probe)
+        _compare(got, expected, dtype, "reloaded export vs checkpoint")
+        trained = trained_logits(run_dir, chosen.step)
+        if trained is not None:
+            _compare(got, trained, dtype, "reloaded export vs the model at the end of training")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _save(model: Any, recipe: Recipe, out: Path, merged: bool, final_dir: Path) -> None:
+    if recipe.method != "lora" or merged:
+        model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
+        return
+    if recipe.model.architecture is not None:
+        # A freshly initialised base exists nowhere else: ship it beside the adapter.
+        base_dir = out / "base_model"
+        model.peft_config["default"].base_model_name_or_path = str(final_dir / "base_model")
+        model.save_pretrained(str(out), safe_serialization=True)
+        model.get_base_model().save_pretrained(str(base_dir), safe_serialization=True)
+        _strip_lora_from_base(base_dir)
+    else:
+        model.peft_config["default"].base_model_name_or_path = recipe.model.name_or_path
+        model.save_pretrained(str(out), safe_serialization=True)
+
+
+def _strip_lora_from_base(base_dir: Path) -> None:
+    """get_base_model() still holds LoRA layers; rewrite its weights as the plain base."""
+    from safetensors.torch import load_file, save_file
+
+    for path in base_dir.glob("*.safetensors"):
+        tensors = load_file(str(path))
+        plain = {
+            k.replace(".base_layer.", "."): v for k, v in tensors.items() if ".lora_" not in k
+        }
+        save_file(plain, str(path), metadata={"format": "pt"})
+
+
+def load_exported(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """Load an export the way users will: transformers for models, peft for adapters."""
+    from transformers import AutoModelForCausalLM
+
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftConfig, PeftModel
+
+        shipped = path / "base_model"
+        base_path = str(shipped) if shipped.is_dir() else PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        return PeftModel.from_pretrained(base, str(path)).eval()
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+def trained_logits(run_dir: Path, step: int) -> torch.Tensor | None:
+    """Logits the worker recorded at the end of training, if this is that step's export."""
+    from safetensors.torch import load_file
+
+    path = run_dir / "probe.safetensors"
+    final = ckpt.committed(run_dir)
+    if not path.is_file() or not final or final[0].step != step:
+        return None
+    return load_file(str(path))["logits"]
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _compare(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    scale = expected.abs().max().clamp_min(1.0)
+    error = ((got - expected).abs().max() / scale).item()
+    if not error <= TOLERANCE[dtype]:
+        raise ExportError(f"{what}: logits differ by {error:.2e} (tolerance {TOLERANCE[dtype]})")

@@ -1,0 +1,187 @@
+"""Tokenizer and model construction: weights or a fresh config, dtype, attention kernel,
+LoRA through peft, gradient checkpointing, and the ZeRO-3 construction order."""
+
+from __future__ import annotations
+
+import importlib.util
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+
+from launcher.errors import UserInputError
+from launcher.recipe import LoraSection, ModelSection
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_ATTENTION = {
+    "flash_attention_2": "flash_attention_2",
+    "flex": "flex_attention",
+    "sdpa": "sdpa",
+    "eager": "eager",
+}
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def flash_attention_available() -> bool:
+    if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        return False
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def resolve_attention(requested: str, on_gpu: bool) -> str:
+    """The transformers attn_implementation for a recipe's model.attention on this machine."""
+    if requested == "auto":
+        return "flash_attention_2" if on_gpu and flash_attention_available() else "sdpa"
+    if requested == "flash_attention_2" and not flash_attention_available():
+        raise UserInputError(
+            "model.attention",
+            "flash_attention_2 needs a CUDA GPU of compute capability 8.0+ and the flash-attn "
+            "package (pip install 'ftlaunch[gpu]'); use auto or sdpa",
+        )
+    if requested == "flex" and not on_gpu:
+        raise UserInputError(
+            "model.attention", "flex attention has no backward pass on CPU; use auto or sdpa"
+        )
+    return HF_ATTENTION[requested]
+
+
+def load_tokenizer(cfg: ModelSection) -> Any:
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or cfg.name_or_path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source,
+            revision=cfg.revision if source == cfg.name_or_path else None,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    except (OSError, ValueError) as e:
+        raise UserInputError("model.tokenizer", f"cannot load tokenizer '{source}': {e}") from None
+    if tokenizer.eos_token_id is None:
+        raise UserInputError("model.tokenizer", f"tokenizer '{source}' has no eos token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_config(cfg: ModelSection) -> Any:
+    from transformers import AutoConfig
+
+    if cfg.architecture is not None:
+        spec = dict(cfg.architecture)
+        model_type = spec.pop("model_type")
+        try:
+            return AutoConfig.for_model(model_type, **spec)
+        except (KeyError, ValueError, TypeError) as e:
+            raise UserInputError("model.architecture", str(e)) from None
+    try:
+        return AutoConfig.from_pretrained(
+            cfg.name_or_path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise UserInputError("model.name_or_path", f"cannot load '{cfg.name_or_path}': {e}") from None
+
+
+def max_positions(config: Any) -> int | None:
+    for key in POSITION_KEYS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def hidden_size(config: Any) -> int | None:
+    value = getattr(config, "hidden_size", None) or getattr(config, "d_model", None)
+    return value if isinstance(value, int) else None
+
+
+def meta_model(config: Any) -> torch.nn.Module:
+    """The model's module tree without allocating weights (for name checks on the driver)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def lora_target_misses(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+
+
+def linear_module_suffixes(model: torch.nn.Module) -> list[str]:
+    return sorted(
+        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    )
+
+
+def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
+    if lora.target_modules == "all-linear":
+        return
+    misses = lora_target_misses(model, lora.target_modules)
+    if misses:
+        raise UserInputError(
+            "lora.target_modules",
+            f"no module of the model matches {misses}; linear modules are "
+            f"{linear_module_suffixes(model)}",
+        )
+
+
+def zero3_init_context(ds_config: dict[str, Any]) -> AbstractContextManager[Any]:
+    """Under ZeRO-3, transformers partitions weights at construction while this object lives,
+    so no rank materialises the whole model. Keep it alive until deepspeed.initialize."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return nullcontext()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    holder = HfDeepSpeedConfig(ds_config)
+    return _KeepAlive(holder)
+
+
+class _KeepAlive(AbstractContextManager[Any]):
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __exit__(self, *exc: Any) -> None:
+        self.obj = None
+
+
+def build_model(cfg: ModelSection, config: Any, attention: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.architecture is not None:
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path,
+        config=config,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=attention,
+        dtype=dtype,
+    )
+
+
+def lora_config(lora: LoraSection) -> Any:
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save or None,
+    )
+
+
+def apply_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    check_lora_targets(model, lora)
+    return get_peft_model(model, lora_config(lora))
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False

@@ -1,0 +1,125 @@
+"""Everything the driver checks and resolves before any worker starts.
+
+Structural checks live in the schema; these need the model config, the tokenizer, the data
+and this machine. Any failure is a UserInputError, raised before a run directory exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from launcher.data import PreparedData, pack_examples, prepare_data
+from launcher.ds_config import resolve_ds_config
+from launcher.errors import UserInputError
+from launcher.modeling import (
+    check_lora_targets,
+    hidden_size,
+    load_model_config,
+    load_tokenizer,
+    max_positions,
+    meta_model,
+    resolve_attention,
+)
+from launcher.recipe import DataSource, Recipe
+
+
+@dataclass(frozen=True)
+class Prepared:
+    recipe: Recipe
+    ds_config: dict[str, Any]
+    attention: str | None
+    data: PreparedData
+    train_units: int
+
+
+def _absolute(value: str | None) -> str | None:
+    """A path that exists locally becomes absolute; anything else (a hub id) is kept."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path.resolve()) if path.exists() else value
+
+
+def _absolute_source(source: DataSource | None) -> DataSource | None:
+    if source is None:
+        return None
+    path = Path(source.path).expanduser()
+    if not path.exists() and path.suffix in (".jsonl", ".json", ".parquet", ".csv"):
+        return source
+    return source.model_copy(update={"path": _absolute(source.path)})
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """Resolve relative local paths against the current directory, once, on the driver, so
+    workers in other directories (or on other nodes with shared storage) see the same files."""
+    model = recipe.model.model_copy(
+        update={
+            "name_or_path": _absolute(recipe.model.name_or_path),
+            "tokenizer": _absolute(recipe.model.tokenizer),
+        }
+    )
+    data = recipe.data.model_copy(
+        update={
+            "train": _absolute_source(recipe.data.train),
+            "validation": _absolute_source(recipe.data.validation),
+            "chat_template": _absolute(recipe.data.chat_template),
+            "cache_dir": _absolute_dir(recipe.data.cache_dir),
+        }
+    )
+    deepspeed = recipe.deepspeed.model_copy(update={"config": _absolute(recipe.deepspeed.config)})
+    return recipe.model_copy(
+        update={
+            "model": model,
+            "data": data,
+            "deepspeed": deepspeed,
+            "output_dir": str(Path(recipe.output_dir).expanduser().resolve()),
+        }
+    )
+
+
+def _absolute_dir(value: str | None) -> str | None:
+    return None if value is None else str(Path(value).expanduser().resolve())
+
+
+def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
+    """Checks that need no model, tokenizer or data: for recipes whose model or data live on
+    a hub this machine cannot reach. The DeepSpeed config is resolved with default buckets."""
+    recipe = with_absolute_paths(recipe)
+    hidden = (recipe.model.architecture or {}).get("hidden_size")
+    return recipe, resolve_ds_config(recipe, recipe.resources.num_workers, hidden)
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    recipe = with_absolute_paths(recipe)
+    config = load_model_config(recipe.model)
+    limit = max_positions(config)
+    if limit is not None and recipe.data.max_length > limit:
+        raise UserInputError(
+            "data.max_length",
+            f"{recipe.data.max_length} exceeds the model's maximum of {limit} positions",
+        )
+    attention = None
+    if not recipe.resources.use_gpu or torch.cuda.is_available():
+        attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
+    if recipe.method == "lora":
+        check_lora_targets(meta_model(config), recipe.lora)
+    tokenizer = load_tokenizer(recipe.model)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    units = (
+        len(pack_examples(data.train.lengths(), recipe.data.max_length))
+        if recipe.data.packing
+        else len(data.train)
+    )
+    if units < recipe.global_batch_size:
+        kind = "packed rows" if recipe.data.packing else "examples"
+        raise UserInputError(
+            "data.train",
+            f"{units} training {kind} is fewer than one global batch of "
+            f"{recipe.global_batch_size} (micro_batch_size x grad_accum x num_workers)",
+        )
+    ds_config = resolve_ds_config(recipe, recipe.resources.num_workers, hidden_size(config))
+    return Prepared(recipe, ds_config, attention, data, units)

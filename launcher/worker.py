@@ -1,0 +1,461 @@
+"""The per-rank training program: a plain function of the recipe and the rank environment.
+
+Ray Train calls :func:`train_loop_per_worker`; without Ray, ``torchrun -m launcher.worker
+RUN_DIR`` (or the ``deepspeed`` launcher) runs the same loop on a run directory that
+``ftlaunch check --write RUN_DIR`` or a previous launch prepared.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from launcher import checkpoint as ckpt
+from launcher.data import (
+    IGNORE_INDEX,
+    PackedSplit,
+    StepPlan,
+    TokenizedSplit,
+    block_diagonal_mask,
+    collate_packed,
+    collate_padded,
+    pack_examples,
+    prepare_data,
+    total_steps,
+)
+from launcher.ds_config import offloads_optimizer, zero_stage
+from launcher.metrics import JsonlSink
+from launcher.modeling import (
+    DTYPES,
+    apply_lora,
+    build_model,
+    enable_gradient_checkpointing,
+    load_model_config,
+    load_tokenizer,
+    resolve_attention,
+    zero3_init_context,
+)
+from launcher.recipe import Recipe, TrainSection
+from launcher.schedule import lr_lambda
+
+FAULT_ENV = "FTLAUNCH_TEST_FAIL_AT_STEP"
+
+
+@dataclass(frozen=True)
+class Rank:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[ftlaunch] {message}", flush=True)
+
+
+def current_rank(use_gpu: bool) -> Rank:
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_gpu:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return Rank(dist.get_rank(), dist.get_world_size(), local, device)
+
+
+def all_reduce(value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(value, op=op)
+    return value
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry: Ray has already initialised torch.distributed for this worker."""
+    import ray.train
+
+    os.environ.setdefault("LOCAL_RANK", str(ray.train.get_context().get_local_rank()))
+    recipe = Recipe.model_validate(config["recipe"])
+    run(recipe, config["ds_config"], Path(config["run_dir"]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """torchrun / deepspeed-launcher entry: ``python -m launcher.worker RUN_DIR``."""
+    import yaml
+
+    run_dir = Path((argv or sys.argv[1:])[0]).resolve()
+    recipe = Recipe.model_validate(yaml.safe_load((run_dir / "recipe.resolved.yaml").read_text()))
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    run(recipe, ds_config, run_dir)
+
+
+# ---------------------------------------------------------------- construction
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainSection, offload: bool) -> Any:
+    """AdamW with no weight decay on biases and norm weights (parameters of rank < 2)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            shape = getattr(p, "ds_shape", p.shape)
+            (decay if len(shape) >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    kwargs = {"lr": train.lr, "betas": train.betas, "eps": train.eps}
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
+    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+
+
+def node_local_first(rank: Rank, fn: Callable[[], Any]) -> Any:
+    """Local rank 0 runs ``fn`` first (filling node-local caches); the others then reuse it."""
+    if rank.local_rank == 0:
+        result = fn()
+        dist.barrier()
+        return result
+    dist.barrier()
+    return fn()
+
+
+# ---------------------------------------------------------------- batches and loss
+
+
+@dataclass(frozen=True)
+class Batches:
+    split: TokenizedSplit
+    packed: PackedSplit | None
+    pad_id: int
+    dtype: torch.dtype
+    attention: str
+
+    def units(self) -> int:
+        return len(self.packed) if self.packed else len(self.split)
+
+    def make(self, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        if self.packed is None:
+            batch = collate_padded(self.split, indices, self.pad_id)
+        else:
+            batch = collate_packed(self.split, self.packed, indices, self.pad_id)
+            segments = batch.pop("segment_ids")
+            if self.attention != "flash_attention_2":
+                batch["attention_mask"] = block_diagonal_mask(segments, self.dtype)
+        return {k: v.to(device) for k, v in batch.items()}
+
+
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over real targets (normalised by the caller)."""
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = engine(**inputs, use_cache=False).logits
+    return token_loss_sum(logits, batch["labels"])
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate(
+    engine: Any, batches: Batches, rank: Rank, micro: int, max_batches: int | None
+) -> dict[str, float]:
+    """Loss over the whole validation split, every example counted exactly once."""
+    order = np.arange(batches.units())[rank.rank :: rank.world]
+    chunks = [order[i : i + micro] for i in range(0, len(order), micro)]
+    steps = all_reduce(torch.tensor(len(chunks), device=rank.device), dist.ReduceOp.MAX).item()
+    steps = min(steps, max_batches or steps)
+    totals = torch.zeros(2, dtype=torch.float64, device=rank.device)
+    engine.eval()
+    with torch.no_grad():
+        for i in range(steps):
+            if i < len(chunks):
+                batch = batches.make(chunks[i], rank.device)
+            else:  # keep ZeRO-3 collectives in step on ranks with fewer batches
+                batch = batches.make(order[:1] if len(order) else np.array([0]), rank.device)
+                batch["labels"].fill_(IGNORE_INDEX)
+            totals[0] += forward_loss(engine, batch).double()
+            totals[1] += target_count(batch)
+    engine.train()
+    loss_sum, count = all_reduce(totals).tolist()
+    loss = loss_sum / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+
+def prompt_and_target(ids: np.ndarray, labels: np.ndarray) -> tuple[list[int], list[int]]:
+    """The prompt before the first trained token, and the first trained span as the target."""
+    trained = np.flatnonzero(labels != IGNORE_INDEX)
+    start = int(trained[0])
+    end = start
+    while end < len(labels) and labels[end] != IGNORE_INDEX:
+        end += 1
+    return ids[:start].tolist(), ids[start:end].tolist()
+
+
+def exact_match(
+    engine: Any, split: TokenizedSplit, rank: Rank, num: int, max_new: int, pad_id: int, sync: bool
+) -> float:
+    """Greedy-decode validation prompts; a hit reproduces the whole target, stop token included."""
+    mine = list(range(min(num, len(split))))[rank.rank :: rank.world]
+    size = 16
+    rounds = all_reduce(torch.tensor(math.ceil(len(mine) / size), device=rank.device), dist.ReduceOp.MAX)
+    hits = torch.zeros(2, dtype=torch.float64, device=rank.device)
+    model = engine.module
+    model.eval()
+    with torch.no_grad():
+        for r in range(int(rounds)):
+            chunk = mine[r * size : (r + 1) * size]
+            pairs = [prompt_and_target(*split.example(i)) for i in (chunk or [0])]
+            width = max(len(p) for p, _ in pairs)
+            ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, (prompt, _) in enumerate(pairs):
+                ids[row, width - len(prompt) :] = torch.tensor(prompt)
+                mask[row, width - len(prompt) :] = 1
+            out = model.generate(
+                input_ids=ids.to(rank.device),
+                attention_mask=mask.to(rank.device),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=pad_id,
+                synced_gpus=sync,
+            )
+            if not chunk:
+                continue
+            for row, (_, target) in enumerate(pairs):
+                generated = out[row, width : width + len(target)].tolist()
+                hits[0] += float(generated == target)
+                hits[1] += 1
+    model.train()
+    correct, total = all_reduce(hits).tolist()
+    return correct / max(total, 1)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> None:
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    root = ckpt.checkpoints_dir(run_dir)
+    path = root / ckpt.tag_for(step)
+    if rank.rank == 0 and path.exists():
+        shutil.rmtree(path)  # an older, uncommitted or superseded save of this step
+    dist.barrier()
+    client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: {"universal_checkpoint_version": 0.2}}
+    engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
+    ckpt.save_rng(path, rank.rank)
+    if rank.rank == 0:
+        state = {"step": step, "world_size": rank.world, "recipe": recipe.model_dump(mode="json")}
+        ckpt.trainer_state_path(path).write_text(json.dumps(state, indent=1))
+    dist.barrier()
+    mine = ckpt.flush_and_hash(path, ckpt.share(ckpt.payload_files(path), rank.rank, rank.world))
+    gathered: list[Any] = [None] * rank.world
+    dist.all_gather_object(gathered, mine)
+    if rank.rank == 0:
+        entries = {k: v for part in gathered for k, v in part.items()}
+        info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
+        ckpt.commit(path, entries, info)
+        ckpt.retain(run_dir, recipe.checkpoint.keep_last)
+        rank.log(f"checkpoint committed: {path}")
+    dist.barrier()
+
+
+def resume(engine: Any, run_dir: Path, rank: Rank) -> int:
+    def all_agree(ok: bool) -> bool:
+        flag = torch.tensor(int(ok), device=rank.device)
+        return bool(all_reduce(flag, dist.ReduceOp.MIN).item())
+
+    def warn(message: str) -> None:
+        rank.log(f"WARNING: {message}")
+
+    found = ckpt.newest_valid(run_dir, rank.rank, rank.world, all_agree, warn)
+    if found is None:
+        return 0
+    engine.load_checkpoint(
+        str(found.path.parent), tag=found.path.name, load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    ckpt.load_rng(found.path, rank.rank)
+    rank.log(f"resumed from {found.path} (step {found.step})")
+    return found.step
+
+
+def maybe_inject_fault(step: int, run_dir: Path, rank: Rank) -> None:
+    """Test hook: with FTLAUNCH_TEST_FAIL_AT_STEP=N, rank 0 dies once on reaching step N."""
+    target = os.environ.get(FAULT_ENV)
+    marker = run_dir / ".fault_injected"
+    if target and int(target) == step and rank.rank == 0 and not marker.exists():
+        marker.write_text(str(step))
+        print(f"[ftlaunch] injected fault at step {step}", flush=True)
+        os._exit(17)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
+    import deepspeed
+
+    # Adopts the process group Ray Train (or torchrun) set up; ZeRO-3 construction needs it.
+    deepspeed.init_distributed(dist_backend="nccl" if recipe.resources.use_gpu else "gloo")
+    rank = current_rank(recipe.resources.use_gpu)
+    train = recipe.train
+    torch.manual_seed(train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    data = node_local_first(rank, lambda: prepare_data(recipe.data, tokenizer, train.seed))
+    attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
+    dtype = DTYPES[recipe.model.dtype]
+    packed = pack_examples(data.train.lengths(), recipe.data.max_length) if recipe.data.packing else None
+    batches = Batches(data.train, packed, tokenizer.pad_token_id, dtype, attention)
+    val_batches = (
+        Batches(data.validation, None, tokenizer.pad_token_id, dtype, attention)
+        if data.validation is not None
+        else None
+    )
+    plan = StepPlan(
+        batches.units(), train.micro_batch_size, train.grad_accum, rank.world, train.seed,
+        recipe.data.shuffle,
+    )
+    steps = total_steps(plan, train.max_steps, train.epochs)
+
+    torch.manual_seed(train.seed)
+    with zero3_init_context(ds_config):
+        model = build_model(recipe.model, load_model_config(recipe.model), attention)
+        if recipe.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        if recipe.method == "lora":
+            model = apply_lora(model, recipe.lora)
+        optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, steps))
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+
+    start = resume(engine, run_dir, rank)
+    sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
+    if rank.rank == 0:
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        info = {
+            "total_steps": steps, "steps_per_epoch": plan.steps_per_epoch, "world_size": rank.world,
+            "attention": attention, "packed_rows": len(packed) if packed else None,
+            "trainable_parameters": trainable,
+            "data": {k: v.__dict__ for k, v in data.stats.items()},
+        }
+        (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
+        for name, stats in data.stats.items():
+            rank.log(stats.summary(name))
+        rank.log(f"attention kernel: {attention}; {steps} steps; resuming at step {start}")
+    pad_id, stage3 = tokenizer.pad_token_id, zero_stage(ds_config) == 3
+    if start == 0 and recipe.eval.at_start and val_batches is not None:
+        initial = run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
+        if sink:
+            sink.write({"step": 0} | initial)
+    scale = train.grad_accum * rank.world
+    every = recipe.checkpoint.every_steps
+    for step in range(start, steps):
+        maybe_inject_fault(step, run_dir, rank)
+        began = time.perf_counter()
+        micro = [batches.make(ix, rank.device) for ix in plan.micro_batches(step, rank.rank)]
+        counts = torch.tensor(
+            [sum(target_count(b) for b in micro), sum(int((b["input_ids"] != batches.pad_id).sum()) for b in micro)],
+            dtype=torch.float64, device=rank.device,
+        )
+        targets, real_tokens = all_reduce(counts).tolist()
+        loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
+        for batch in micro:
+            loss = forward_loss(engine, batch)
+            engine.backward(loss * scale / targets)
+            engine.step()
+            loss_total += loss.detach().double()
+        loss_value = all_reduce(loss_total).item() / targets
+        done = step + 1
+        record = {
+            "step": done,
+            "loss": loss_value,
+            "lr": schedule.get_last_lr()[0],
+            "grad_norm": _float(engine.get_global_grad_norm()),
+            "tokens_per_s": real_tokens / (time.perf_counter() - began),
+            "epoch": step / max(plan.steps_per_epoch, 1),
+        }
+        eval_due = val_batches is not None and (
+            (recipe.eval.every_steps and done % recipe.eval.every_steps == 0)
+            or (done == steps and recipe.eval.at_end)
+        )
+        if eval_due:
+            record |= run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
+        if sink and (done % recipe.logging.every_steps == 0 or eval_due or done == steps):
+            sink.write(record)
+        if (every and done % every == 0) or done == steps:
+            save_checkpoint(engine, run_dir, done, rank, recipe)
+    write_probe(engine, run_dir, rank, tokenizer)
+    if sink:
+        sink.close()
+
+
+def run_eval(
+    engine: Any, recipe: Recipe, batches: Batches, split: TokenizedSplit, rank: Rank,
+    pad_id: int, stage3: bool,
+) -> dict[str, float]:
+    metrics = evaluate(engine, batches, rank, recipe.train.micro_batch_size, recipe.eval.max_batches)
+    em = recipe.eval.exact_match
+    if em is not None:
+        metrics["eval_exact_match"] = exact_match(
+            engine, split, rank, em.num_examples, em.max_new_tokens, pad_id, stage3
+        )
+    return metrics
+
+
+def write_probe(engine: Any, run_dir: Path, rank: Rank, tokenizer: Any) -> None:
+    """Record the trained model's logits on a few tokens; export checks final/ against them."""
+    from safetensors.torch import save_file
+
+    ids = torch.tensor([probe_ids(tokenizer)], device=rank.device)
+    engine.eval()
+    with torch.no_grad():
+        logits = engine(input_ids=ids, use_cache=False).logits.float().cpu()
+    engine.train()
+    if rank.rank == 0:
+        save_file({"input_ids": ids.cpu(), "logits": logits}, str(run_dir / "probe.safetensors"))
+
+
+def probe_ids(tokenizer: Any) -> list[int]:
+    vocab = len(tokenizer)
+    return [(7 * i + 3) % vocab for i in range(16)]
+
+
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+if __name__ == "__main__":
+    main()
