@@ -1,0 +1,83 @@
+"""Shared fixtures: the shipped tiny tokenizer and data, a recipe builder, the CLI in-process,
+and one real local Ray cluster for every end-to-end test."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "recipes" / "data"
+TINY_LLAMA = {
+    "model_type": "llama", "vocab_size": 66, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def deep_update(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def tiny_recipe(output_dir: Path, **changes: Any) -> dict[str, Any]:
+    base = {
+        "output_dir": str(output_dir),
+        "method": "full",
+        "model": {"architecture": TINY_LLAMA, "tokenizer": str(DATA / "tokenizer"), "dtype": "fp32"},
+        "data": {
+            "train": str(DATA / "digits_train.jsonl"),
+            "validation": str(DATA / "digits_val.jsonl"),
+            "format": "instruction",
+            "max_length": 64,
+        },
+        "train": {"max_steps": 4, "micro_batch_size": 4, "lr": 1e-3, "seed": 1},
+        "deepspeed": {"config": "zero2"},
+        "resources": {"num_workers": 1, "use_gpu": False},
+        "logging": {"progress": False},
+    }
+    return deep_update(base, changes)
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FTLAUNCH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run ``ftlaunch`` in-process; returns (exit code, stdout, stderr)."""
+    from launcher.cli import main
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One real local Ray cluster shared by the end-to-end tests."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,77 @@
+"""The recipe schema: shipped recipes, overrides, defaults and cross-field rules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from launcher.errors import UserInputError
+from launcher.recipe import Recipe, load_recipe
+from tests.conftest import ROOT, tiny_recipe, write_recipe
+
+SHIPPED = sorted((ROOT / "recipes").rglob("*.yaml"))
+LOCAL = [p for p in SHIPPED if "llama3" not in p.parts]
+HUB = [p for p in SHIPPED if "llama3" in p.parts]
+
+
+def test_recipes_are_shipped():
+    assert (ROOT / "recipes" / "quickstart.yaml") in SHIPPED
+    assert len(LOCAL) >= 4 and len(HUB) >= 2
+
+
+@pytest.mark.parametrize("path", LOCAL, ids=lambda p: str(p.relative_to(ROOT)))
+def test_local_recipe_checks_fully(path, cli, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, out, err = cli("check", path)
+    assert code == 0, err
+    assert "train_batch_size" in out and "examples kept" in err
+
+
+@pytest.mark.parametrize("path", HUB, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hub_recipe_checks_offline(path, cli):
+    code, out, err = cli("check", "--offline", path)
+    assert code == 0, err
+    assert '"stage"' in out
+
+
+def test_set_overrides_coerce_types(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    recipe = load_recipe(path, ["train.lr=5e-4", "train.max_steps=9", "model.gradient_checkpointing=true"])
+    assert recipe.train.lr == 5e-4 and recipe.train.max_steps == 9
+    assert recipe.model.gradient_checkpointing is True
+
+
+def test_recipe_is_frozen(tmp_path):
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path))
+    with pytest.raises(Exception):
+        recipe.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_lora_defaults_when_method_is_lora(tmp_path):
+    recipe = Recipe.model_validate(tiny_recipe(tmp_path, method="lora"))
+    assert recipe.lora is not None and recipe.lora.target_modules == "all-linear"
+
+
+def test_duplicate_key_names_line(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("output_dir: a\nmethod: full\ntrain:\n  lr: 1\n  lr: 2\n")
+    with pytest.raises(UserInputError) as e:
+        load_recipe(path)
+    assert e.value.where == f"{path}:5" and "train.lr" in e.value.message
+
+
+def test_field_error_names_path_and_line(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path, train={"lr": "fast"}))
+    with pytest.raises(UserInputError) as e:
+        load_recipe(path)
+    assert "train.lr" in str(e.value) and f"{path}:" in str(e.value)
+
+
+def test_misspelled_key_suggests(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    recipe["train"]["learning_rate"] = 1e-4
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    with pytest.raises(UserInputError) as e:
+        load_recipe(path)
+    assert "train.learning_rate" in str(e.value) and "unknown field" in str(e.value)
