@@ -25,6 +25,15 @@ from launcher.errors import UserInputError
 
 MARKER = "COMMITTED.json"
 TAG_RE = re.compile(r"^step_(\d{8})$")
+UNIVERSAL = "universal"
+# Non-tensor classes DeepSpeed pickles into its checkpoints. Anything else in a pickle could
+# run code when loaded, so such a checkpoint is refused before any loader sees it.
+ALLOWED_GLOBALS = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+})
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -108,7 +117,22 @@ def check_files(ckpt: Path, manifest: dict[str, Any], names: Sequence[str]) -> s
             return f"{name} has {path.stat().st_size} bytes, manifest says {expected['size']}"
         if sha256_file(path) != expected["sha256"]:
             return f"{name} does not match its checksum"
+        unsafe = unsafe_globals(path)
+        if unsafe:
+            return f"{name} pickles objects that could run code when loaded: {unsafe}"
     return None
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """Globals a torch pickle would import beyond tensors and DeepSpeed's own state classes.
+    Scanned from the pickle's opcodes: nothing in the file is executed."""
+    if path.suffix not in (".pt", ".pth", ".bin"):
+        return []
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # not a torch zip/pickle at all
+        return [f"unreadable ({type(e).__name__})"]
+    return sorted(set(found) - ALLOWED_GLOBALS)
 
 
 @dataclass(frozen=True)
@@ -134,29 +158,31 @@ def committed(run_dir: Path) -> list[Candidate]:
     return [c for c in candidates(run_dir) if read_manifest(c.path) is not None]
 
 
-AllAgree = Callable[[bool], bool]
+Gather = Callable[[str | None], list[str | None]]
 
 
 def newest_valid(
-    run_dir: Path, rank: int, world: int, all_agree: AllAgree, warn: Callable[[str], None]
+    run_dir: Path, rank: int, world: int, gather: Gather, warn: Callable[[str], None],
+    fallback: Path | None = None,
 ) -> Candidate | None:
     """The newest committed checkpoint whose files all match their manifest.
 
-    Each rank verifies its share of the files; ``all_agree`` combines the verdicts (a logical
-    AND across ranks), so every rank picks the same checkpoint. Uncommitted or corrupt ones
-    are skipped with a warning. If checkpoints exist but none is valid, that is an error:
-    silently starting from scratch would throw away the run.
+    Each rank verifies its share of the files; ``gather`` collects every rank's finding
+    (None when its share is intact), so every rank picks the same checkpoint. Uncommitted or
+    corrupt ones are skipped with a warning. If checkpoints exist but none is valid, that is
+    an error: silently starting from scratch would throw away the run.
     """
-    seen = candidates(run_dir)
+    seen = candidates(run_dir) or (outside_candidates(fallback) if fallback else [])
     for cand in seen:
         manifest = read_manifest(cand.path)
         if manifest is None:
             warn(f"skipping {cand.path}: not committed (a save was interrupted)")
             continue
-        problem = check_files(cand.path, manifest, share(sorted(manifest["files"]), rank, world))
-        if all_agree(problem is None):
+        problems = gather(check_files(cand.path, manifest, share(sorted(manifest["files"]), rank, world)))
+        found = [p for p in problems if p is not None]
+        if not found:
             return cand
-        warn(f"skipping {cand.path}: {problem or 'another rank found a corrupt file'}")
+        warn(f"skipping {cand.path}: {'; '.join(found)}")
     if seen:
         raise UserInputError(
             str(checkpoints_dir(run_dir)),
@@ -164,6 +190,39 @@ def newest_valid(
             "scratch over them (move them away to start a new run)",
         )
     return None
+
+
+def outside_candidates(path: Path) -> list[Candidate]:
+    """Checkpoints named by ``checkpoint.resume_from``: one step directory or a run directory."""
+    match = TAG_RE.match(path.name)
+    if match and path.is_dir():
+        return [Candidate(int(match.group(1)), path)]
+    return candidates(path)
+
+
+def to_universal(ckpt: Path) -> Path:
+    """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size),
+    once; the result lives in ``<ckpt>/universal`` and appears there only when complete."""
+    import subprocess
+    import sys
+    import tempfile
+
+    target = ckpt / UNIVERSAL
+    if target.is_dir():
+        return target
+    staging = Path(tempfile.mkdtemp(dir=ckpt, prefix=".universal."))
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+             "--input_folder", str(ckpt), "--output_folder", str(staging / "out")],
+            check=True, capture_output=True, text=True,
+        )
+        (staging / "out").rename(target)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"universal conversion of {ckpt} failed:\n{e.stderr[-2000:]}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def retain(run_dir: Path, keep_last: int) -> list[Path]:
