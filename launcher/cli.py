@@ -12,7 +12,7 @@ from pathlib import Path
 
 from launcher.errors import ExportError, UserInputError
 
-SUBCOMMANDS = ("train", "check", "export", "k8s")
+SUBCOMMANDS = ("train", "check", "export", "k8s", "preflight", "submit", "jobs")
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
-    from launcher import k8s
+    from launcher import k8s, preflight, submit
 
     k8s.add_arguments(sub.add_parser("k8s", help="print a KubeRay RayJob manifest"))
+    preflight.add_arguments(
+        sub.add_parser("preflight", help="check every node of a Ray cluster against a recipe")
+    )
+    submit.add_arguments(sub.add_parser("submit", help="submit a recipe as a Ray job"))
+    submit.add_jobs_arguments(sub.add_parser("jobs", help="list, follow or stop Ray jobs"))
     return parser
 
 
@@ -87,7 +92,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher import orchestrate
+    from launcher import orchestrate, preflight
     from launcher.export import export_run
     from launcher.prepare import prepare
     from launcher.rundir import check_resumable, write_run_files
@@ -106,6 +111,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     started_here = orchestrate.connect(args.address, recipe)
     try:
         orchestrate.check_capacity(recipe)
+        preflight.check_multi_node(recipe)
         write_run_files(run_dir, recipe, prepared.ds_config)
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
         trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
@@ -142,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher import k8s
 
             return k8s.run(args)
+        if args.command in ("preflight", "submit", "jobs"):
+            from launcher import preflight, submit
+
+            run = {"preflight": preflight.run, "submit": submit.run, "jobs": submit.run_jobs}
+            return run[args.command](args)
         return commands[args.command](args)
     except UserInputError as e:
         print(f"ftlaunch: error: {e}", file=sys.stderr)

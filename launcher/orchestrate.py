@@ -73,7 +73,9 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
             "ds_config": ds_config,
             "run_dir": str(run_dir),
         },
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        torch_config=TorchConfig(
+            backend="nccl" if res.use_gpu else "gloo", timeout_s=res.collective_timeout_s
+        ),
         scaling_config=ScalingConfig(
             num_workers=res.num_workers,
             use_gpu=res.use_gpu,
@@ -84,7 +86,7 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
             name="ray",
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
-            worker_runtime_env={"env_vars": QUIET_WORKER_ENV | res.env},
+            worker_runtime_env={"env_vars": QUIET_WORKER_ENV | res.worker_env()},
         ),
     )
 
@@ -94,7 +96,7 @@ def run_torchrun(recipe: Recipe, run_dir: Path) -> int:
     import subprocess
     import sys
 
-    env = os.environ | QUIET_WORKER_ENV | recipe.resources.env
+    env = os.environ | QUIET_WORKER_ENV | recipe.resources.worker_env()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={recipe.resources.num_workers}", "-m", "launcher.worker", str(run_dir),

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.errors import UserInputError
+from launcher.secret_env import SECRETS_HELP, is_secret_name
 from launcher.yamlio import KeyPath, apply_overrides, load_yaml_with_lines
 
 AttentionKernel = Literal["auto", "flash_attention_2", "flex", "sdpa", "eager"]
@@ -210,8 +211,51 @@ class ResourcesSection(Section):
     )
     env: dict[str, str] = Field(
         default_factory=dict,
-        description="Environment variables for every worker (e.g. NCCL_SOCKET_IFNAME).",
+        description="Environment variables for every worker (e.g. NCCL_DEBUG: INFO). Names of "
+        "secrets (*_TOKEN, *_KEY, *SECRET*, *PASSWORD) are refused: a recipe is stored in plain "
+        "text, so set those in the environment of the Ray nodes.",
     )
+    network_interface: str | None = Field(
+        None,
+        min_length=1,
+        description="Network interface the workers' collectives use between nodes, e.g. eth0 or "
+        "ib0 (sets NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME); default: NCCL's and gloo's choice.",
+    )
+    infiniband: bool | None = Field(
+        None,
+        description="false turns NCCL's InfiniBand/RoCE transport off (NCCL_IB_DISABLE=1), true "
+        "keeps it on (NCCL_IB_DISABLE=0); default: NCCL decides.",
+    )
+    collective_timeout_s: PositiveInt = Field(
+        1800,
+        description="Seconds a collective (all-reduce, barrier) may wait before the process "
+        "group fails the run instead of hanging (torch.distributed timeout).",
+    )
+
+    @model_validator(mode="after")
+    def _env_names(self) -> ResourcesSection:
+        for name in self.env:
+            if is_secret_name(name):
+                raise ValueError(f"resources.env: {name} looks like a secret; {SECRETS_HELP}")
+            if name in self.network_env():
+                raise ValueError(
+                    f"resources.env: {name} is also set by resources.network_interface or "
+                    "resources.infiniband; set it in one place"
+                )
+        return self
+
+    def network_env(self) -> dict[str, str]:
+        """NCCL/gloo variables derived from network_interface and infiniband."""
+        env: dict[str, str] = {}
+        if self.network_interface:
+            env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = self.network_interface
+        if self.infiniband is not None:
+            env["NCCL_IB_DISABLE"] = "0" if self.infiniband else "1"
+        return env
+
+    def worker_env(self) -> dict[str, str]:
+        """Every worker's extra environment: resources.env plus the network settings."""
+        return self.env | self.network_env()
 
 
 class CheckpointSection(Section):

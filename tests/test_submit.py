@@ -1,0 +1,248 @@
+"""ftlaunch submit / jobs against a real local Ray head with its job server, token auth on."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import submit
+from launcher.errors import UserInputError
+from launcher.recipe import validate_recipe
+from tests.conftest import DATA, tiny_recipe, write_recipe
+from tests.raynodes import RAY, LocalRayCluster
+
+PLANTED = "plantedsecret123"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    head = LocalRayCluster(tmp_path_factory.mktemp("jobs"), dashboard=True)
+    try:
+        head.start_head(num_cpus=2, resources="node_a")
+        yield head
+    finally:
+        head.stop()
+
+
+@pytest.fixture(scope="module")
+def project(cluster) -> Path:
+    """A directory like a user's checkout: a recipe with relative paths to local data."""
+    root = cluster.base / "project"
+    (root / "data").mkdir(parents=True)
+    for name in ("digits_train.jsonl", "digits_val.jsonl"):
+        shutil.copy(DATA / name, root / "data" / name)
+    shutil.copytree(DATA / "tokenizer", root / "data" / "tokenizer")
+    recipe = tiny_recipe(cluster.base / "shared" / "quick", eval={"at_end": False})
+    recipe["model"]["tokenizer"] = "data/tokenizer"
+    recipe["data"]["train"] = "data/digits_train.jsonl"
+    recipe["data"]["validation"] = "data/digits_val.jsonl"
+    (root / "recipes").mkdir()
+    write_recipe(root / "recipes" / "quick.yaml", recipe)
+    return root
+
+
+def ftlaunch(cluster, *args, cwd=None, env=None, timeout=300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *map(str, args)],
+        cwd=cwd or cluster.base,
+        env=env or cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def job_record(cluster, job_id: str) -> str:
+    """Everything the job server stores about a job, and its logs, as text."""
+    code = (
+        "from ray.job_submission import JobSubmissionClient;"
+        f"c = JobSubmissionClient({cluster.dashboard_url!r});"
+        f"print(c.get_job_info({job_id!r}).model_dump_json()); print(c.get_job_logs({job_id!r}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=cluster.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return out.stdout
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+@pytest.mark.e2e
+def test_submit_wait_trains_and_ships_no_secret(cluster, project):
+    env = cluster.env | {"HF_TOKEN": PLANTED, "WANDB_API_KEY": PLANTED}
+    result = ftlaunch(
+        cluster,
+        "submit",
+        "recipes/quick.yaml",
+        "--address",
+        cluster.dashboard_url,
+        "--wait",
+        "--env",
+        "FTLAUNCH_JOB_MARK=1",
+        cwd=project,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    job_id = result.stdout.strip().splitlines()[0]
+    assert job_id.startswith("ftlaunch-quick-")
+    assert "[ftlaunch] model exported and verified" in result.stdout  # the followed logs
+    run_dir = cluster.base / "shared" / "quick"
+    assert (run_dir / "final" / "config.json").is_file()
+
+    record = job_record(cluster, job_id)
+    info = json.loads(record.splitlines()[0])
+    assert info["status"].endswith("SUCCEEDED")
+    assert info["entrypoint"] == "ftlaunch recipes/quick.yaml"
+    assert info["runtime_env"]["env_vars"] == {"FTLAUNCH_JOB_MARK": "1"}
+    for secret in (PLANTED, cluster.token):
+        assert secret not in record
+        assert secret not in (run_dir / "recipe.resolved.yaml").read_text()
+        assert secret not in result.stdout + result.stderr
+
+
+@pytest.mark.e2e
+def test_submitting_the_same_recipe_again_is_one_job(cluster, project):
+    args = ("submit", "recipes/quick.yaml", "--address", cluster.dashboard_url)
+    first = ftlaunch(cluster, *args, cwd=project)
+    second = ftlaunch(cluster, *args, cwd=project)
+    assert first.returncode == second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout == second.stdout
+    assert "already submitted" in second.stderr
+    listed = ftlaunch(cluster, "jobs", "list", "--address", cluster.dashboard_url)
+    assert listed.stdout.count(first.stdout.strip()) == 1, listed.stdout
+
+
+@pytest.mark.e2e
+def test_ray_job_submit_runs_ftlaunch_and_jobs_stop_stops_it(cluster, project):
+    recipe = tiny_recipe(cluster.base / "shared" / "long", train={"max_steps": 100000})
+    write_recipe(project / "long.yaml", recipe)
+    address = ("--address", cluster.dashboard_url)
+    subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            *address,
+            "--no-wait",
+            "--submission-id",
+            "long-1",
+            "--working-dir",
+            str(project),
+            "--entrypoint-num-cpus",
+            "0",
+            "--",
+            "ftlaunch",
+            "long.yaml",
+        ],
+        env=cluster.env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    wait_for(
+        lambda: "starting run" in ftlaunch(cluster, "jobs", "logs", "long-1", *address).stdout,
+        timeout=180,
+        what="training to start",
+    )
+    assert ftlaunch(cluster, "jobs", "status", "long-1", *address).stdout.startswith(
+        "long-1: RUNNING"
+    )
+    stopped = ftlaunch(cluster, "jobs", "stop", "long-1", *address)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "long-1: STOPPED", stopped
+    status = ftlaunch(cluster, "jobs", "status", "long-1", *address)
+    assert status.stdout.startswith("long-1: STOPPED")
+    missing = ftlaunch(cluster, "jobs", "status", "no-such-job", *address)
+    assert missing.returncode == 2 and "no such job" in missing.stderr
+
+
+def test_remote_address_without_token_auth_is_refused_before_connecting(cli, tmp_path, monkeypatch):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    remote = "http://203.0.113.7:8265"  # TEST-NET-3: never reached, the refusal comes first
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    code, _, err = cli("submit", recipe, "--address", remote)
+    assert code == 2
+    assert "RAY_AUTH_MODE is not 'token'" in err and "--insecure" in err
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "no-token"))
+    code, _, err = cli("submit", recipe, "--address", remote)
+    assert code == 2 and "no token was found" in err
+
+
+def test_insecure_or_loopback_or_a_token_lets_the_submission_through():
+    remote = "http://203.0.113.7:8265"
+    submit.check_transport(remote, insecure=True, env={})
+    submit.check_transport("http://127.0.0.1:8265", insecure=False, env={})
+    submit.check_transport("http://localhost:8265", insecure=False, env={})
+    submit.check_transport(remote, False, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"})
+    with pytest.raises(UserInputError):
+        submit.check_transport("http://[::2]:8265", insecure=False, env={})
+
+
+@pytest.mark.parametrize(
+    "name", ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"]
+)
+def test_secret_env_is_refused_with_a_pointer_to_the_docs(cli, tmp_path, name):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, _, err = cli("submit", recipe, "--address", "http://127.0.0.1:9", "--env", f"{name}=x")
+    assert code == 2
+    assert f"--env {name}: looks like a secret" in err and "README.md" in err
+    with pytest.raises(UserInputError, match=f"resources.env: {name} looks like a secret"):
+        validate_recipe(tiny_recipe(tmp_path / "run", resources={"env": {name: "x"}}))
+
+
+def test_settings_that_merely_mention_tokens_are_not_secrets(tmp_path):
+    assert submit.parse_env(["TOKENIZERS_PARALLELISM=false"]) == {"TOKENIZERS_PARALLELISM": "false"}
+    validate_recipe(tiny_recipe(tmp_path, resources={"env": {"TOKENIZERS_PARALLELISM": "false"}}))
+
+
+def test_relative_output_dir_is_refused(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(Path("runs/x")))
+    code, _, err = cli("submit", "r.yaml", "--address", "http://127.0.0.1:9")
+    assert code == 2 and "output_dir: 'runs/x' is relative" in err
+    assert recipe.is_file()
+
+
+def test_working_dir_holds_the_recipe_and_its_local_files(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("{}\n")
+    shutil.copytree(DATA / "tokenizer", tmp_path / "tok")
+    raw = tiny_recipe(tmp_path / "run")
+    raw["data"]["train"] = "data/train.jsonl"
+    raw["model"]["tokenizer"] = "tok"
+    recipe = validate_recipe(raw)
+    files = submit.local_files(recipe)
+    assert files == {"model.tokenizer": Path("tok"), "data.train.path": Path("data/train.jsonl")}
+    (tmp_path / "cfg").mkdir()
+    path = write_recipe(tmp_path / "cfg" / "r.yaml", raw)
+    rel = submit.recipe_in_working_dir(path)
+    with submit.staged_working_dir(path, rel, files) as staged:
+        shipped = sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file())
+    assert "cfg/r.yaml" in shipped and "data/train.jsonl" in shipped
+    assert any(p.startswith("tok/") for p in shipped)
+    assert submit.submission_id(recipe) == submit.submission_id(validate_recipe(raw))
+
+    outside = validate_recipe(raw | {"data": raw["data"] | {"train": "../elsewhere.jsonl"}})
+    (tmp_path.parent / "elsewhere.jsonl").write_text("{}\n")
+    with pytest.raises(UserInputError, match="data.train.path"):
+        submit.local_files(outside)
