@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from launcher.data import PreparedData, pack_examples, prepare_data
-from launcher.ds_config import resolve_ds_config
+from launcher.ds_config import resolve_ds_config, zero_stage
 from launcher.errors import UserInputError
+from launcher.kernels import plan_kernels
 from launcher.modeling import (
     check_lora_targets,
     hidden_size,
@@ -122,4 +123,9 @@ def prepare(recipe: Recipe) -> Prepared:
             f"{recipe.global_batch_size} (micro_batch_size x grad_accum x num_workers)",
         )
     ds_config = resolve_ds_config(recipe, recipe.resources.num_workers, hidden_size(config))
+    if not recipe.resources.use_gpu or torch.cuda.is_available():
+        plan_kernels(
+            recipe.model, recipe.lora, config.model_type, recipe.resources.use_gpu,
+            zero_stage(ds_config),
+        )
     return Prepared(recipe, ds_config, attention, data, units)

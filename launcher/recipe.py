@@ -56,6 +56,27 @@ class ModelSection(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass (non-reentrant)."
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused training kernels. liger: Liger's Triton kernels (RMSNorm, SwiGLU, "
+        "RoPE) for the model families liger-kernel supports, on GPU; auto: liger where that "
+        "is possible here, else none. An explicit liger this machine cannot run is an error.",
+    )
+    loss: Literal["auto", "fused", "chunked", "plain"] = Field(
+        "auto",
+        description="Cross-entropy implementation. fused: Liger's fused linear cross-entropy "
+        "(needs Liger kernels; not with ZeRO-3); chunked: output projection and cross-entropy "
+        "over chunks of target tokens, recomputed in the backward pass, so [tokens, vocab] "
+        "logits never exist; plain: full logits; auto: fused where possible, else chunked.",
+    )
+    loss_chunk_size: PositiveInt = Field(
+        4096, description="Target tokens per chunk of the chunked loss."
+    )
+    compile: bool = Field(
+        False,
+        description="Compile the model with torch.compile (DeepSpeed engine.compile()); the "
+        "first steps are slow while it compiles.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -68,6 +89,10 @@ class ModelSection(Section):
                 raise ValueError("model.tokenizer is required with model.architecture")
         if self.trust_remote_code and self.revision is None:
             raise ValueError("model.trust_remote_code needs a pinned model.revision")
+        if self.loss == "fused" and self.kernels == "none":
+            raise ValueError(
+                "model.loss: fused comes with Liger kernels; set model.kernels to auto or liger"
+            )
         return self
 
 
@@ -322,6 +347,8 @@ class Recipe(Section):
             raise ValueError("model.dtype: fp16 needs GPUs; use fp32 or bf16 on CPU")
         if self.model.attention == "flash_attention_2" and not self.resources.use_gpu:
             raise ValueError("model.attention: flash_attention_2 needs GPUs (resources.use_gpu)")
+        if self.model.kernels == "liger" and not self.resources.use_gpu:
+            raise ValueError("model.kernels: liger kernels need GPUs (resources.use_gpu)")
         return self
 
     @property

@@ -21,7 +21,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from launcher import checkpoint as ckpt
 from launcher.data import (
@@ -37,6 +36,9 @@ from launcher.data import (
     total_steps,
 )
 from launcher.ds_config import offloads_optimizer, zero_stage
+from launcher.kernels import apply_kernels, plan_kernels
+from launcher.losses import LossConfig, model_loss_sum
+from launcher.losses import token_loss_sum  # noqa: F401  (the plain loss, used by the parity test)
 from launcher.metrics import JsonlSink
 from launcher.modeling import (
     DTYPES,
@@ -165,20 +167,11 @@ def target_count(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def forward_loss(
+    engine: Any, batch: dict[str, Any], loss: LossConfig = LossConfig()
+) -> torch.Tensor:
     """Summed next-token cross-entropy over real targets (normalised by the caller)."""
-    return F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels[:, 1:].flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-
-
-def forward_loss(engine: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = engine(**inputs, use_cache=False).logits
-    return token_loss_sum(logits, batch["labels"])
+    return model_loss_sum(engine, batch, loss)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -349,6 +342,11 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     torch.manual_seed(train.seed)
     with zero3_init_context(ds_config):
         model = build_model(recipe.model, load_model_config(recipe.model), attention)
+        kernels = plan_kernels(
+            recipe.model, recipe.lora, model.config.model_type, recipe.resources.use_gpu,
+            zero_stage(ds_config),
+        )
+        apply_kernels(model, kernels)
         if recipe.model.gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if recipe.method == "lora":
@@ -358,6 +356,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
+    if recipe.model.compile:
+        engine.compile()
 
     start = resume(engine, run_dir, rank)
     sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
@@ -365,14 +365,18 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         info = {
             "total_steps": steps, "steps_per_epoch": plan.steps_per_epoch, "world_size": rank.world,
-            "attention": attention, "packed_rows": len(packed) if packed else None,
+            "attention": attention, "kernels": kernels.kernels, "loss": kernels.loss.kind,
+            "packed_rows": len(packed) if packed else None,
             "trainable_parameters": trainable,
             "data": {k: v.__dict__ for k, v in data.stats.items()},
         }
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
         for name, stats in data.stats.items():
             rank.log(stats.summary(name))
-        rank.log(f"attention kernel: {attention}; {steps} steps; resuming at step {start}")
+        rank.log(
+            f"attention kernel: {attention}; kernels: {kernels.kernels}; loss: "
+            f"{kernels.loss.kind}; {steps} steps; resuming at step {start}"
+        )
     pad_id, stage3 = tokenizer.pad_token_id, zero_stage(ds_config) == 3
     if start == 0 and recipe.eval.at_start and val_batches is not None:
         initial = run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
@@ -391,7 +395,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         targets, real_tokens = all_reduce(counts).tolist()
         loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
         for batch in micro:
-            loss = forward_loss(engine, batch)
+            loss = forward_loss(engine, batch, kernels.loss)
             engine.backward(loss * scale / targets)
             engine.step()
             loss_total += loss.detach().double()
