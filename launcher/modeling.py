@@ -182,6 +182,20 @@ def apply_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
     return get_peft_model(model, lora_config(lora))
 
 
-def enable_gradient_checkpointing(model: Any) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:
+    """Non-reentrant activation checkpointing of every ``every``-th decoder layer (index % every
+    == 0), through transformers' own per-layer switch."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=kwargs, every_n_layers=every
+        )
+    elif every == 1:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise UserInputError(
+            "model.checkpoint_every",
+            "checkpointing every k-th layer needs a transformers release with "
+            "activation_checkpointing_enable(every_n_layers=...); use 1",
+        )
     model.config.use_cache = False

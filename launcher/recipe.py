@@ -54,7 +54,15 @@ class ModelSection(Section):
         "flash-attn installed, else sdpa. An explicit kernel this machine cannot run is an error.",
     )
     gradient_checkpointing: bool = Field(
-        False, description="Recompute activations in the backward pass (non-reentrant)."
+        False,
+        description="Recompute activations in the backward pass (non-reentrant); which layers "
+        "is set by model.checkpoint_every.",
+    )
+    checkpoint_every: PositiveInt = Field(
+        1,
+        description="Activation checkpointing policy with gradient_checkpointing: checkpoint "
+        "every k-th decoder layer (those whose index % k == 0). 1 checkpoints every layer; a "
+        "larger k keeps the other layers' activations, trading memory for less recomputation.",
     )
     kernels: Literal["auto", "liger", "none"] = Field(
         "auto",
@@ -89,6 +97,8 @@ class ModelSection(Section):
                 raise ValueError("model.tokenizer is required with model.architecture")
         if self.trust_remote_code and self.revision is None:
             raise ValueError("model.trust_remote_code needs a pinned model.revision")
+        if self.checkpoint_every > 1 and not self.gradient_checkpointing:
+            raise ValueError("model.checkpoint_every: needs model.gradient_checkpointing: true")
         if self.loss == "fused" and self.kernels == "none":
             raise ValueError(
                 "model.loss: fused comes with Liger kernels; set model.kernels to auto or liger"

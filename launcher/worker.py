@@ -348,7 +348,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         )
         apply_kernels(model, kernels)
         if recipe.model.gradient_checkpointing:
-            enable_gradient_checkpointing(model)
+            enable_gradient_checkpointing(model, recipe.model.checkpoint_every)
         if recipe.method == "lora":
             model = apply_lora(model, recipe.lora)
         optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
