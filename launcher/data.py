@@ -545,3 +545,22 @@ def block_diagonal_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     allowed |= torch.eye(same.shape[-1], dtype=torch.bool, device=same.device)
     mask = torch.zeros(allowed.shape, dtype=dtype, device=same.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def flatten_packed(batch: dict[str, torch.Tensor], segment_ids: torch.Tensor) -> dict[str, Any]:
+    """Padding-free layout for flash-attn varlen: the real tokens of all packed rows in one row,
+    positions restarting per example, and the examples' cumulative lengths.
+
+    transformers derives varlen boundaries from ``position_ids`` only when the batch is a single
+    row, so the boundaries are passed explicitly (``cu_seq_lens_*``, ``max_length_*``); that also
+    spares it a device sync per layer to find them.
+    """
+    real = segment_ids > 0
+    flat: dict[str, Any] = {k: v[real][None] for k, v in batch.items()}
+    starts = torch.nonzero(flat["position_ids"][0] == 0).flatten()
+    bounds = torch.cat([starts, torch.tensor([int(real.sum())])]).to(torch.int32)
+    longest = int(bounds.diff().max())
+    return flat | {
+        "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds,
+        "max_length_q": longest, "max_length_k": longest,
+    }

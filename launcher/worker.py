@@ -31,6 +31,7 @@ from launcher.data import (
     block_diagonal_mask,
     collate_packed,
     collate_padded,
+    flatten_packed,
     pack_examples,
     prepare_data,
     total_steps,
@@ -152,15 +153,30 @@ class Batches:
     def units(self) -> int:
         return len(self.packed) if self.packed else len(self.split)
 
-    def make(self, indices: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+    def make(self, indices: np.ndarray, device: torch.device) -> dict[str, Any]:
+        """Packed rows keep attention inside each example: flash-attn gets one padding-free row
+        with varlen boundaries; other kernels a block-diagonal mask, needed only when some row
+        holds two or more examples. Otherwise padding only trails each row's one example, and
+        plain causal attention (the fast path) is exact for every real token."""
         if self.packed is None:
             batch = collate_padded(self.split, indices, self.pad_id)
         else:
             batch = collate_packed(self.split, self.packed, indices, self.pad_id)
             segments = batch.pop("segment_ids")
-            if self.attention != "flash_attention_2":
+            if self.attention == "flash_attention_2":
+                batch = flatten_packed(batch, segments)
+            elif int(segments.max()) > 1:
                 batch["attention_mask"] = block_diagonal_mask(segments, self.dtype)
-        return {k: v.to(device) for k, v in batch.items()}
+            else:
+                del batch["position_ids"]
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def tokens(self, indices: np.ndarray) -> int:
+        """Real (non-padding) tokens in these units."""
+        lengths = self.split.lengths()
+        if self.packed is None:
+            return int(lengths[indices].sum())
+        return int(sum(lengths[list(self.packed.rows[int(r)])].sum() for r in indices))
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:
@@ -387,9 +403,10 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     for step in range(start, steps):
         maybe_inject_fault(step, run_dir, rank)
         began = time.perf_counter()
-        micro = [batches.make(ix, rank.device) for ix in plan.micro_batches(step, rank.rank)]
+        indices = plan.micro_batches(step, rank.rank)
+        micro = [batches.make(ix, rank.device) for ix in indices]
         counts = torch.tensor(
-            [sum(target_count(b) for b in micro), sum(int((b["input_ids"] != batches.pad_id).sum()) for b in micro)],
+            [sum(target_count(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
             dtype=torch.float64, device=rank.device,
         )
         targets, real_tokens = all_reduce(counts).tolist()

@@ -1,0 +1,105 @@
+"""Padding-free packing for flash-attn: the worker's batch layout and transformers' plumbing of
+the varlen boundaries, checked on CPU with an attention function that computes what
+flash_attn_varlen_func computes (causal attention inside each [cu[i], cu[i+1]) span)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, LlamaConfig
+
+from launcher.data import (
+    IGNORE_INDEX,
+    Encoded,
+    PackedSplit,
+    TokenizedSplit,
+    collate_packed,
+    collate_padded,
+    flatten_packed,
+    pack_examples,
+)
+from launcher.losses import LossConfig, model_loss_sum
+from launcher.worker import Batches
+from tests.conftest import TINY_LLAMA
+
+CALLS: list[torch.Tensor] = []
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                     cu_seq_lens_q=None, **kwargs):
+    assert attention_mask is None and query.shape[0] == 1
+    CALLS.append(cu_seq_lens_q)
+    out = torch.empty_like(query)
+    bounds = cu_seq_lens_q.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        out[:, :, a:b] = F.scaled_dot_product_attention(
+            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
+            enable_gqa=True,
+        )
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register("varlen_probe", varlen_attention)
+AttentionMaskInterface.register("varlen_probe", lambda *args, **kwargs: None)
+
+
+@pytest.fixture(scope="module")
+def split() -> TokenizedSplit:
+    rng = np.random.default_rng(3)
+    examples = []
+    for n in (5, 9, 3, 7, 11, 4, 6):
+        ids = rng.integers(4, 60, n).tolist()
+        examples.append(Encoded(ids, [IGNORE_INDEX] * 2 + ids[2:]))
+    return TokenizedSplit.from_examples(examples)
+
+
+def model(attention: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in TINY_LLAMA.items() if k != "model_type"})
+    return AutoModelForCausalLM.from_config(config, attn_implementation=attention).eval()
+
+
+def test_flatten_keeps_every_example_whole(split):
+    packed = pack_examples(split.lengths(), max_length=16)
+    batch = collate_packed(split, packed, range(len(packed)), pad_id=0)
+    flat = flatten_packed(batch, batch.pop("segment_ids"))
+    assert flat["input_ids"].shape == (1, int(split.lengths().sum()))
+    bounds = flat["cu_seq_lens_q"].tolist()
+    assert flat["cu_seq_lens_q"].dtype == torch.int32 and flat["cu_seq_lens_k"] is flat["cu_seq_lens_q"]
+    assert flat["max_length_q"] == flat["max_length_k"] == int(split.lengths().max())
+    order = [i for row in packed.rows for i in row]
+    assert len(bounds) == len(order) + 1
+    for i, a, b in zip(order, bounds[:-1], bounds[1:]):
+        ids, _ = split.example(i)
+        assert flat["input_ids"][0, a:b].tolist() == ids.tolist()
+        assert flat["position_ids"][0, a:b].tolist() == list(range(b - a))
+        assert flat["labels"][0, a] == IGNORE_INDEX  # no target across the boundary
+
+
+def test_varlen_batches_reach_attention_and_match_unpacked_losses(split):
+    """Batches.make for flash_attention_2 -> model -> attention sees the boundaries; the summed
+    loss equals the examples run one by one, padded."""
+    packed = pack_examples(split.lengths(), max_length=16)
+    batches = Batches(split, packed, 0, torch.float32, "flash_attention_2")
+    batch = batches.make(np.arange(len(packed)), torch.device("cpu"))
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    CALLS.clear()
+    with torch.no_grad():
+        packed_loss = model_loss_sum(model("varlen_probe"), batch, LossConfig("chunked", 4))
+        plain = collate_padded(split, range(len(split)), pad_id=0)
+        reference = model_loss_sum(model("sdpa"), plain, LossConfig("plain"))
+    assert len(CALLS) == TINY_LLAMA["num_hidden_layers"]
+    assert CALLS[0].tolist() == batch["cu_seq_lens_q"].tolist()
+    torch.testing.assert_close(packed_loss, reference, rtol=1e-5, atol=1e-5)
+    assert batches.tokens(np.arange(len(packed))) == int(split.lengths().sum())
+
+
+def test_sdpa_rows_mask_only_when_they_hold_several_examples(split):
+    one_each = PackedSplit(tuple((i,) for i in range(len(split))))
+    single = Batches(split, one_each, 0, torch.float32, "sdpa").make(np.arange(3), torch.device("cpu"))
+    assert set(single) == {"input_ids", "labels"}  # plain causal attention
+    several = pack_examples(split.lengths(), max_length=16)
+    mixed = Batches(split, several, 0, torch.float32, "sdpa").make(np.arange(2), torch.device("cpu"))
+    assert mixed["attention_mask"].dim() == 4 and "position_ids" in mixed
