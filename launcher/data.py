@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, DataSource
+from launcher.recipe import DataSection, DataSource, LabelsSection
 
 IGNORE_INDEX = -100
 CACHE_VERSION = "1"
@@ -44,15 +44,24 @@ class Row:
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    target: int | float | tuple[float, ...] | None = None  # sequence classification only
+    token_type_ids: list[int] | None = None  # text pairs, for models with segment embeddings
 
 
 @dataclass(frozen=True)
 class TokenizedSplit:
-    """Variable-length examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``."""
+    """Variable-length examples stored flat: example i is ``tokens[offsets[i]:offsets[i+1]]``.
+
+    Sequence classification adds one target per example in ``targets``: int64 class indices
+    (single_label), float32 rows of multi-hot classes (multi_label) or float32 numbers
+    (regression); the dtype and shape carry the meaning into the batch unchanged.
+    """
 
     input_ids: np.ndarray
     labels: np.ndarray
     offsets: np.ndarray
+    targets: np.ndarray | None = None
+    token_type_ids: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -71,17 +80,35 @@ class TokenizedSplit:
         np.cumsum(lengths, out=offsets[1:])
         flat_ids = [t for e in examples for t in e.input_ids]
         flat_labels = [t for e in examples for t in e.labels]
+        targets = types = None
+        first = examples[0] if examples else None
+        if getattr(first, "target", None) is not None:
+            integer = isinstance(first.target, int)
+            targets = np.asarray(
+                [e.target for e in examples], dtype=np.int64 if integer else np.float32
+            )
+        if getattr(first, "token_type_ids", None) is not None:
+            types = np.asarray([t for e in examples for t in e.token_type_ids], dtype=np.int8)
         return TokenizedSplit(
-            np.asarray(flat_ids, dtype=np.int32), np.asarray(flat_labels, dtype=np.int32), offsets
+            np.asarray(flat_ids, dtype=np.int32), np.asarray(flat_labels, dtype=np.int32), offsets,
+            targets, types,
         )
 
     def save(self, path: Path) -> None:
-        np.savez(path, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets)
+        optional = {
+            k: v for k, v in (("targets", self.targets), ("token_type_ids", self.token_type_ids))
+            if v is not None
+        }
+        np.savez(path, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, **optional)
 
     @staticmethod
     def load(path: Path) -> TokenizedSplit:
         with np.load(path, allow_pickle=False) as f:
-            return TokenizedSplit(f["input_ids"], f["labels"], f["offsets"])
+            return TokenizedSplit(
+                f["input_ids"], f["labels"], f["offsets"],
+                f["targets"] if "targets" in f else None,
+                f["token_type_ids"] if "token_type_ids" in f else None,
+            )
 
 
 @dataclass(frozen=True)
@@ -285,9 +312,14 @@ def resolve_chat_template(cfg: DataSection, tokenizer: Any) -> str | None:
 
 
 def encode_rows(
-    rows: Sequence[Row], cfg: DataSection, tokenizer: Any
+    rows: Sequence[Row], cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None
 ) -> tuple[list[Encoded], SplitStats]:
+    """Encode every row; ``labels`` is the resolved label set of the classification formats."""
+    from launcher import classification
+
     template = resolve_chat_template(cfg, tokenizer) if cfg.format == "chat" else None
+    if cfg.format in ("classification", "tagging") and labels is None:
+        raise UserInputError("labels", f"the {cfg.format} format needs a label set")
     kept: list[Encoded] = []
     truncated = too_long = no_target = 0
     for row in rows:
@@ -296,6 +328,10 @@ def encode_rows(
                 enc = encode_instruction(row.data, cfg, tokenizer)
             elif cfg.format == "chat":
                 enc = encode_chat(row.data, cfg, tokenizer, template)
+            elif cfg.format == "classification":
+                enc = classification.encode_classification(row.data, cfg, tokenizer, labels)
+            elif cfg.format == "tagging":
+                enc = classification.encode_tagging(row.data, cfg, tokenizer, labels)
             else:
                 enc = encode_text(row.data, cfg, tokenizer)
         except RowError as e:
@@ -305,8 +341,11 @@ def encode_rows(
             too_long += 1
             continue
         if cut:
-            enc = Encoded(enc.input_ids[: cfg.max_length], enc.labels[: cfg.max_length])
-        if all(t == IGNORE_INDEX for t in enc.labels[1:]):
+            n = cfg.max_length
+            types = enc.token_type_ids[:n] if enc.token_type_ids is not None else None
+            enc = Encoded(enc.input_ids[:n], enc.labels[:n], enc.target, types)
+        trained = enc.labels if cfg.format == "tagging" else enc.labels[1:]
+        if enc.target is None and all(t == IGNORE_INDEX for t in trained):
             no_target += 1
             continue
         truncated += cut
@@ -328,7 +367,7 @@ def _hash_source(h: Any, source: DataSource) -> None:
         h.update(json.dumps([source.path, source.subset, source.split, source.revision]).encode())
 
 
-def cache_key(cfg: DataSection, tokenizer: Any) -> str:
+def cache_key(cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None) -> str:
     h = hashlib.sha256(CACHE_VERSION.encode())
     for source in (cfg.train, cfg.validation):
         if source is not None:
@@ -338,6 +377,8 @@ def cache_key(cfg: DataSection, tokenizer: Any) -> str:
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     relevant = cfg.model_dump(exclude={"packing", "shuffle", "cache_dir"})
     h.update(json.dumps(relevant, sort_keys=True).encode())
+    if labels is not None:
+        h.update(json.dumps(labels.model_dump(mode="json"), sort_keys=True).encode())
     return h.hexdigest()[:24]
 
 
@@ -345,16 +386,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
 
 
-def prepare_data(cfg: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+def prepare_data(
+    cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None = None
+) -> PreparedData:
     """Read, validate and tokenize train/validation, through the cache when it is warm."""
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    entry = cache_root / cache_key(cfg, tokenizer)
+    entry = cache_root / cache_key(cfg, tokenizer, labels)
     if (entry / "meta.json").is_file():
         meta = json.loads((entry / "meta.json").read_text())
         val = TokenizedSplit.load(entry / "validation.npz") if meta["has_validation"] else None
         stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
         return PreparedData(TokenizedSplit.load(entry / "train.npz"), val, stats)
-    prepared = _tokenize_all(cfg, tokenizer, seed)
+    prepared = _tokenize_all(cfg, tokenizer, seed, labels)
     _write_cache(entry, prepared)
     return prepared
 
@@ -374,9 +417,11 @@ def _split_rows(cfg: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
     return train_rows, []
 
 
-def _tokenize_all(cfg: DataSection, tokenizer: Any, seed: int) -> PreparedData:
+def _tokenize_all(
+    cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None
+) -> PreparedData:
     train_rows, val_rows = _split_rows(cfg, seed)
-    train, train_stats = encode_rows(train_rows, cfg, tokenizer)
+    train, train_stats = encode_rows(train_rows, cfg, tokenizer, labels)
     if not train:
         raise UserInputError(
             cfg.train.path, "no usable training examples: " + train_stats.summary("train")
@@ -384,7 +429,7 @@ def _tokenize_all(cfg: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     stats = {"train": train_stats}
     validation = None
     if val_rows or cfg.validation is not None:
-        val, val_stats = encode_rows(val_rows, cfg, tokenizer)
+        val, val_stats = encode_rows(val_rows, cfg, tokenizer, labels)
         where = cfg.validation.path if cfg.validation else "data.val_fraction"
         if not val:
             raise UserInputError(where, "no usable validation examples: " + val_stats.summary("validation"))
@@ -493,7 +538,9 @@ def total_steps(plan: StepPlan, max_steps: int | None, epochs: float) -> int:
 def collate_padded(
     split: TokenizedSplit, indices: Sequence[int], pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    """Right-pad to the longest example; padding is masked out of attention and loss.
+
+    With per-example targets (sequence classification) those are the batch's labels."""
     examples = [split.example(int(i)) for i in indices]
     width = max(len(ids) for ids, _ in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
@@ -503,7 +550,16 @@ def collate_padded(
         input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
         labels[row, : len(ids)] = torch.from_numpy(labs.astype(np.int64))
         attention[row, : len(ids)] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+    if split.targets is not None:
+        batch["labels"] = torch.from_numpy(split.targets[np.asarray(indices, dtype=np.int64)])
+    if split.token_type_ids is not None:
+        types = torch.zeros((len(examples), width), dtype=torch.long)
+        for row, i in enumerate(indices):
+            lo, hi = split.offsets[int(i)], split.offsets[int(i) + 1]
+            types[row, : hi - lo] = torch.from_numpy(split.token_type_ids[lo:hi].astype(np.int64))
+        batch["token_type_ids"] = types
+    return batch
 
 
 def collate_packed(

@@ -16,7 +16,8 @@ import torch
 
 from launcher import checkpoint as ckpt
 from launcher.errors import ExportError, UserInputError
-from launcher.modeling import DTYPES, load_model_config, load_tokenizer, lora_config
+from launcher.classification import head_module_names
+from launcher.modeling import DTYPES, auto_model_class, load_task_config, load_tokenizer, lora_config
 from launcher.recipe import Recipe
 from launcher.rundir import load_resolved
 from launcher.worker import probe_ids
@@ -47,18 +48,18 @@ def consolidated_state(chosen: ckpt.Candidate) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(chosen.path.parent), tag=chosen.path.name)
 
 
-def rebuild(recipe: Recipe, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def rebuild(recipe: Recipe, state: dict[str, torch.Tensor], pad_token_id: int) -> torch.nn.Module:
     """The trained model in fp32 on CPU: an uninitialised skeleton, then the trained tensors."""
-    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    config = load_model_config(recipe.model)
+    config = load_task_config(recipe, pad_token_id)
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_model_class(recipe.task).from_config(config, dtype=torch.float32)
     if recipe.method == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(recipe.lora))
+        head = head_module_names(model) if recipe.task != "causal_lm" else []
+        model = get_peft_model(model, lora_config(recipe.lora, recipe.task, head))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
@@ -90,9 +91,9 @@ def export_run(
         raise UserInputError("--merge-lora", "only for runs with method: lora")
     out = (out or run_dir / "final").resolve()
     chosen = choose_checkpoint(run_dir, step)
-    model = rebuild(recipe, consolidated_state(chosen))
-    dtype = DTYPES[recipe.model.dtype]
     tokenizer = load_tokenizer(recipe.model)
+    model = rebuild(recipe, consolidated_state(chosen), tokenizer.pad_token_id)
+    dtype = DTYPES[recipe.model.dtype]
     probe = torch.tensor([probe_ids(tokenizer)])
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
@@ -102,7 +103,7 @@ def export_run(
         expected = _logits(model.to(dtype), probe)
         _save(model, recipe, staging, merge_lora, final_dir=out)
         tokenizer.save_pretrained(str(staging))
-        got = _logits(load_exported(staging, dtype), probe)
+        got = _logits(load_exported(staging, dtype, recipe.task), probe)
         _compare(got, expected, dtype, "reloaded export vs checkpoint")
         trained = trained_logits(run_dir, chosen.step)
         if trained is not None:
@@ -132,29 +133,32 @@ def _save(model: Any, recipe: Recipe, out: Path, merged: bool, final_dir: Path) 
 
 
 def _strip_lora_from_base(base_dir: Path) -> None:
-    """get_base_model() still holds LoRA layers; rewrite its weights as the plain base."""
+    """get_base_model() still holds LoRA layers and the wrappers of fully trained modules (a
+    classification head); rewrite its weights as the plain base. The trained copies of those
+    modules ship in the adapter."""
     from safetensors.torch import load_file, save_file
 
     for path in base_dir.glob("*.safetensors"):
         tensors = load_file(str(path))
         plain = {
-            k.replace(".base_layer.", "."): v for k, v in tensors.items() if ".lora_" not in k
+            k.replace(".base_layer.", ".").replace(".original_module.", "."): v
+            for k, v in tensors.items()
+            if ".lora_" not in k and ".modules_to_save." not in k
         }
         save_file(plain, str(path), metadata={"format": "pt"})
 
 
-def load_exported(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """Load an export the way users will: transformers for models, peft for adapters."""
-    from transformers import AutoModelForCausalLM
-
+def load_exported(path: Path, dtype: torch.dtype, task: str = "causal_lm") -> torch.nn.Module:
+    """Load an export the way users will: the task's Auto class for models, peft for adapters."""
+    auto = auto_model_class(task)
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 
         shipped = path / "base_model"
         base_path = str(shipped) if shipped.is_dir() else PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+        base = auto.from_pretrained(base_path, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path)).eval()
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return auto.from_pretrained(str(path), dtype=dtype).eval()
 
 
 def trained_logits(run_dir: Path, step: int) -> torch.Tensor | None:

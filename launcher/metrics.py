@@ -1,14 +1,62 @@
-"""Training metrics: the JSONL sink rank 0 writes and the driver's live progress line."""
+"""Training metrics: step timing and memory on each rank, the JSONL sink rank 0 writes, and
+the driver's live progress line."""
 
 from __future__ import annotations
 
 import json
 import math
+import resource
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+import torch
+
+PHASES = ("data", "fwd_bwd", "optim")
+
+
+class PhaseTimer:
+    """Splits one step's time into phases (``lap(phase)`` closes the phase that just ran).
+
+    On GPU the marks are CUDA events on the current stream, read once in ``seconds()``, so
+    timing adds no host synchronisation inside the step.
+    """
+
+    def __init__(self, device: torch.device):
+        self._cuda = device.type == "cuda"
+        self._laps: list[tuple[str, Any, Any]] = []
+        self._last = self._mark()
+
+    def _mark(self) -> Any:
+        if not self._cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def lap(self, phase: str) -> None:
+        now = self._mark()
+        self._laps.append((phase, self._last, now))
+        self._last = now
+
+    def seconds(self) -> dict[str, float]:
+        """``time_<phase>_s`` for every phase in PHASES."""
+        if self._cuda:
+            self._last.synchronize()
+        totals = dict.fromkeys(PHASES, 0.0)
+        for phase, start, end in self._laps:
+            totals[phase] += start.elapsed_time(end) / 1000 if self._cuda else end - start
+        return {f"time_{phase}_s": value for phase, value in totals.items()}
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process so far (10^9 bytes): allocated GPU memory on a GPU, the
+    resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
 
 
 class JsonlSink:
@@ -62,6 +110,10 @@ def format_progress(record: dict[str, Any], total: int | None, started: float) -
         parts.append(f"exact_match {record['eval_exact_match']:.3f}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "mfu" in record:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "peak_memory_gb" in record:
+        parts.append(f"mem {record['peak_memory_gb']:.1f} GB")
     if total and step:
         elapsed = time.time() - started
         parts.append(f"ETA {_duration(elapsed / step * (total - step))}")

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import LoraSection, ModelSection
+from launcher.recipe import LoraSection, ModelSection, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_ATTENTION = {
@@ -20,6 +20,23 @@ HF_ATTENTION = {
     "eager": "eager",
 }
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+AUTO_CLASSES = {
+    "causal_lm": "AutoModelForCausalLM",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+}
+PEFT_TASK_TYPES = {
+    "causal_lm": "CAUSAL_LM",
+    "sequence_classification": "SEQ_CLS",
+    "token_classification": "TOKEN_CLS",
+}
+
+
+def auto_model_class(task: str) -> Any:
+    """The transformers Auto class that builds, saves and reloads a model for ``task``."""
+    import transformers
+
+    return getattr(transformers, AUTO_CLASSES[task])
 
 
 def flash_attention_available() -> bool:
@@ -82,6 +99,16 @@ def load_model_config(cfg: ModelSection) -> Any:
         raise UserInputError("model.name_or_path", f"cannot load '{cfg.name_or_path}': {e}") from None
 
 
+def load_task_config(recipe: Recipe, pad_token_id: int) -> Any:
+    """The model config with the task's head settings (labels, problem type) applied."""
+    config = load_model_config(recipe.model)
+    if recipe.task != "causal_lm":
+        from launcher.classification import configure_labels
+
+        configure_labels(config, recipe.task, recipe.labels, pad_token_id)
+    return config
+
+
 def max_positions(config: Any) -> int | None:
     for key in POSITION_KEYS:
         value = getattr(config, key, None)
@@ -95,12 +122,10 @@ def hidden_size(config: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def meta_model(config: Any) -> torch.nn.Module:
+def meta_model(config: Any, task: str = "causal_lm") -> torch.nn.Module:
     """The model's module tree without allocating weights (for name checks on the driver)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+        return auto_model_class(task).from_config(config)
 
 
 def lora_target_misses(model: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -145,13 +170,16 @@ class _KeepAlive(AbstractContextManager[Any]):
         self.obj = None
 
 
-def build_model(cfg: ModelSection, config: Any, attention: str) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
+def build_model(
+    cfg: ModelSection, config: Any, attention: str, task: str = "causal_lm"
+) -> torch.nn.Module:
+    """The model for ``task``; a classification head missing from the checkpoint is freshly
+    initialised (``config`` carries its labels, see classification.configure_labels)."""
+    auto = auto_model_class(task)
     dtype = DTYPES[cfg.dtype]
     if cfg.architecture is not None:
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attention, dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(
+        return auto.from_config(config, attn_implementation=attention, dtype=dtype)
+    return auto.from_pretrained(
         cfg.name_or_path,
         config=config,
         revision=cfg.revision,
@@ -161,25 +189,36 @@ def build_model(cfg: ModelSection, config: Any, attention: str) -> torch.nn.Modu
     )
 
 
-def lora_config(lora: LoraSection) -> Any:
+def lora_config(
+    lora: LoraSection, task: str = "causal_lm", head: list[str] | None = None
+) -> Any:
+    """peft's LoraConfig. A task ``head`` (new classification layers) is trained in full
+    beside the adapter and never itself adapted."""
     from peft import LoraConfig, TaskType
 
+    head = head or []
     return LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType[PEFT_TASK_TYPES[task]],
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
+        exclude_modules=head or None,
         bias=lora.bias,
-        modules_to_save=lora.modules_to_save or None,
+        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *head])) or None,
     )
 
 
-def apply_lora(model: torch.nn.Module, lora: LoraSection) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, lora: LoraSection, task: str = "causal_lm"
+) -> torch.nn.Module:
     from peft import get_peft_model
 
+    from launcher.classification import head_module_names
+
     check_lora_targets(model, lora)
-    return get_peft_model(model, lora_config(lora))
+    head = head_module_names(model) if task != "causal_lm" else []
+    return get_peft_model(model, lora_config(lora, task, head))
 
 
 def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:

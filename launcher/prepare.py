@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from launcher.data import PreparedData, pack_examples, prepare_data
+from launcher.classification import infer_label_names
+from launcher.data import PreparedData, pack_examples, prepare_data, read_rows
 from launcher.ds_config import resolve_ds_config, zero_stage
 from launcher.errors import UserInputError
 from launcher.kernels import plan_kernels
@@ -86,6 +87,16 @@ def _absolute_dir(value: str | None) -> str | None:
     return None if value is None else str(Path(value).expanduser().resolve())
 
 
+def with_label_names(recipe: Recipe) -> Recipe:
+    """Fill labels.names from the training data when the recipe leaves them out, so the
+    resolved recipe (and every worker, and the export) carries one fixed label order."""
+    labels = recipe.labels
+    if labels is None or labels.names is not None or labels.problem_type == "regression":
+        return recipe
+    names = infer_label_names(read_rows(recipe.data.train), recipe.data.format, recipe.data.fields)
+    return recipe.model_copy(update={"labels": labels.model_copy(update={"names": names})})
+
+
 def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     """Checks that need no model, tokenizer or data: for recipes whose model or data live on
     a hub this machine cannot reach. The DeepSpeed config is resolved with default buckets."""
@@ -107,9 +118,10 @@ def prepare(recipe: Recipe) -> Prepared:
     if not recipe.resources.use_gpu or torch.cuda.is_available():
         attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     if recipe.method == "lora":
-        check_lora_targets(meta_model(config), recipe.lora)
+        check_lora_targets(meta_model(config, recipe.task), recipe.lora)
     tokenizer = load_tokenizer(recipe.model)
-    data = prepare_data(recipe.data, tokenizer, recipe.train.seed)
+    recipe = with_label_names(recipe)
+    data = prepare_data(recipe.data, tokenizer, recipe.train.seed, recipe.labels)
     units = (
         len(pack_examples(data.train.lengths(), recipe.data.max_length))
         if recipe.data.packing

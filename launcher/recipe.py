@@ -143,6 +143,20 @@ class FieldNames(Section):
     content: str | None = Field(
         None, description="chat format: turn text key; default content/value."
     )
+    text_pair: str | None = Field(
+        None,
+        description="classification format: the second text of a pair task (e.g. sentence2 "
+        "for MRPC); the first is fields.text.",
+    )
+    label: str = Field(
+        "label",
+        description="classification format: the label: a name or class index (single_label), "
+        "a list of them (multi_label) or a number (regression).",
+    )
+    tokens: str = Field("tokens", description="tagging format: the list of words.")
+    tags: str = Field(
+        "tags", description="tagging format: one tag (name or index) per word, e.g. BIO tags."
+    )
 
 
 def _coerce_source(value: Any) -> Any:
@@ -155,9 +169,11 @@ class DataSection(Section):
     val_fraction: float = Field(
         0.0, ge=0, lt=0.5, description="Hold out this fraction of train as validation."
     )
-    format: Literal["instruction", "chat", "text"] = Field(
+    format: Literal["instruction", "chat", "text", "classification", "tagging"] = Field(
         description="instruction: alpaca-style instruction/input/output; chat: OpenAI "
-        "messages (role/content) or ShareGPT conversations (from/value); text: plain documents."
+        "messages (role/content) or ShareGPT conversations (from/value); text: plain documents; "
+        "classification: a text (or text pair) and a label (task: sequence_classification); "
+        "tagging: words and one tag per word (task: token_classification)."
     )
     fields: FieldNames = Field(default_factory=FieldNames, description="Column names.")
     chat_template: str | None = Field(
@@ -199,6 +215,44 @@ class DataSection(Section):
         if self.validation is not None and self.val_fraction > 0:
             raise ValueError("set data.validation or data.val_fraction, not both")
         return self
+
+
+class LabelsSection(Section):
+    names: list[str] | None = Field(
+        None,
+        description="The label set, in class-index order (saved with the model as id2label / "
+        "label2id). A label in the data is a name from this list or an integer index into it. "
+        "Default: the distinct labels of the training data, sorted (tagging: 'O' first), "
+        "resolved once before training and written to recipe.resolved.yaml.",
+    )
+    problem_type: Literal["single_label", "multi_label", "regression"] = Field(
+        "single_label",
+        description="single_label: one class per example (cross-entropy); multi_label: a list "
+        "of classes per example (binary cross-entropy per class); regression: one number per "
+        "example (mean squared error). token_classification is always single_label.",
+    )
+
+    @model_validator(mode="after")
+    def _names(self) -> LabelsSection:
+        if self.names is not None:
+            if len(set(self.names)) != len(self.names):
+                raise ValueError("labels.names: label names must be distinct")
+            if self.problem_type == "regression":
+                raise ValueError("labels.names: regression has no label names")
+            if len(self.names) < 2 and self.problem_type == "single_label":
+                raise ValueError("labels.names: a classification needs at least two labels")
+        return self
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.problem_type == "regression" else len(self.names or ())
+
+
+TASK_FORMATS = {
+    "causal_lm": ("instruction", "chat", "text"),
+    "sequence_classification": ("classification",),
+    "token_classification": ("tagging",),
+}
 
 
 class TrainSection(Section):
@@ -323,10 +377,20 @@ class LoggingSection(Section):
 
 class Recipe(Section):
     output_dir: str = Field(description="Run directory: checkpoints, metrics and final model.")
-    task: Literal["causal_lm"] = Field("causal_lm", description="What is trained.")
+    task: Literal["causal_lm", "sequence_classification", "token_classification"] = Field(
+        "causal_lm",
+        description="What is trained. causal_lm: next-token prediction; "
+        "sequence_classification: one label (or several, or a number) per text or text pair "
+        "through a new classification head; token_classification: one tag per word (e.g. NER).",
+    )
     method: Literal["full", "lora"] = Field(description="full fine-tuning or LoRA adapters.")
     model: ModelSection
     lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
+    labels: LabelsSection | None = Field(
+        None,
+        description="Label set and problem type for sequence_classification and "
+        "token_classification (defaults apply when omitted).",
+    )
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
@@ -340,12 +404,32 @@ class Recipe(Section):
     def _default_lora(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("method") == "lora" and data.get("lora") is None:
             data = {**data, "lora": {}}
+        classifies = isinstance(data, dict) and data.get("task") in (
+            "sequence_classification", "token_classification"
+        )
+        if classifies and data.get("labels") is None:
+            data = {**data, "labels": {}}
         return data
 
     @model_validator(mode="after")
     def _cross_field(self) -> Recipe:
         if self.lora is not None and self.method != "lora":
             raise ValueError("lora: the lora section is only allowed with method: lora")
+        if self.data.format not in TASK_FORMATS[self.task]:
+            raise ValueError(
+                f"data.format: {self.data.format} data cannot train task {self.task}; use "
+                + " or ".join(TASK_FORMATS[self.task])
+            )
+        if self.labels is not None and self.task == "causal_lm":
+            raise ValueError("labels: the labels section is only for classification tasks")
+        if (
+            self.task == "token_classification"
+            and self.labels is not None
+            and self.labels.problem_type != "single_label"
+        ):
+            raise ValueError("labels.problem_type: token_classification is single_label")
+        if self.data.packing and self.task != "causal_lm":
+            raise ValueError("data.packing: packing is for causal_lm only")
         expected = self.train.micro_batch_size * self.train.grad_accum * self.resources.num_workers
         if self.train.global_batch_size is not None and self.train.global_batch_size != expected:
             raise ValueError(

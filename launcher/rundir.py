@@ -25,7 +25,7 @@ def material(recipe: Recipe) -> dict[str, Any]:
     train = {k: v for k, v in dump["train"].items() if k not in FREE_TRAIN_FIELDS}
     return {
         "task": dump["task"], "method": dump["method"], "model": dump["model"],
-        "lora": dump["lora"], "data": data, "train": train,
+        "lora": dump["lora"], "labels": dump.get("labels"), "data": data, "train": train,
         "global_batch_size": recipe.global_batch_size,
     }
 

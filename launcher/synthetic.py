@@ -2,12 +2,16 @@
 
 The task is small enough for a 2-layer model to learn on a laptop CPU in minutes, and has an
 exact answer: add two digits and write the sum in words, or spell a short number digit by
-digit. ``python -m launcher.synthetic OUT_DIR`` writes the tokenizer and every data set.
+digit. The classification tasks are decided by keywords among filler words, so a tiny model
+learns them in a few dozen steps: sentiment (SST-2-shaped), paraphrase of a sentence pair
+(MRPC-shaped), number entities in BIO tags (CoNLL-shaped) and multi-label topics.
+``python -m launcher.synthetic OUT_DIR`` writes the tokenizer and every data set.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import random
 from pathlib import Path
@@ -92,6 +96,105 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+FILLER = "the of and a is in you are answer words".split()
+SENTIMENT = {"positive": ("helpful", "please"), "negative": ("what", "?")}
+TOPICS = {"arithmetic": ("add", "sum"), "spelling": ("spell", "digits"), "polite": ("please", "helpful")}
+
+
+def _filler(rng: random.Random, lo: int, hi: int) -> list[str]:
+    return [rng.choice(FILLER + ONES) for _ in range(rng.randint(lo, hi))]
+
+
+def _insert(rng: random.Random, words: list[str], *extra: str) -> list[str]:
+    words = list(words)
+    for word in extra:
+        words.insert(rng.randint(0, len(words)), word)
+    return words
+
+
+def sentiment_rows(n: int, seed: int) -> list[dict[str, object]]:
+    """SST-2-shaped: a sentence and a class index (0 negative, 1 positive) from its keyword."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randrange(2)
+        keyword = rng.choice(SENTIMENT["positive" if label else "negative"])
+        rows.append({"sentence": " ".join(_insert(rng, _filler(rng, 3, 9), keyword)), "label": label})
+    return rows
+
+
+def pair_rows(n: int, seed: int) -> list[dict[str, object]]:
+    """MRPC-shaped: a sentence and a rewording of it; the rewording is equivalent (1) unless
+    it adds a question word."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        first = _filler(rng, 3, 7)
+        label = rng.randrange(2)
+        second = _insert(rng, first, rng.choice(("please", "and")) if label else rng.choice(("what", "?")))
+        rows.append({"sentence1": " ".join(first), "sentence2": " ".join(second), "label": label})
+    return rows
+
+
+def ner_rows(n: int, seed: int) -> list[dict[str, list[str]]]:
+    """CoNLL-shaped: words and BIO tags; NUM spans are runs of digit words, TEEN a teen word.
+    A trailing '.' glued to the last word makes it two sub-words, exercising the alignment."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        tokens: list[str] = []
+        tags: list[str] = []
+        for _ in range(rng.randint(2, 5)):
+            kind = rng.random()
+            if kind < 0.3:  # a run of digit words, then a word that ends it
+                run = [rng.choice(ONES) for _ in range(rng.randint(1, 3))]
+                tokens += [*run, rng.choice(FILLER)]
+                tags += ["B-NUM"] + ["I-NUM"] * (len(run) - 1) + ["O"]
+            elif kind < 0.45:
+                tokens.append(rng.choice(TEENS))
+                tags.append("B-TEEN")
+            else:
+                tokens.append(rng.choice(FILLER))
+                tags.append("O")
+        if rng.random() < 0.5:
+            tokens[-1] += "."
+        rows.append({"tokens": tokens, "tags": tags})
+    return rows
+
+
+def topic_rows(n: int, seed: int) -> list[dict[str, object]]:
+    """Multi-label: each topic whose keyword appears is a label (possibly none)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        topics = sorted(t for t in TOPICS if rng.random() < 0.4)
+        words = _insert(rng, [rng.choice(ONES) for _ in range(rng.randint(2, 6))],
+                        *(rng.choice(TOPICS[t]) for t in topics))
+        rows.append({"text": " ".join(words), "labels": topics})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_classification(out_dir: Path, n_train: int = 2000, n_val: int = 101) -> None:
+    """The classification data sets; 101 validation rows leave an uneven last batch."""
+    for name, make, write, suffix in (
+        ("sentiment", sentiment_rows, write_csv, "csv"),
+        ("pairs", pair_rows, write_csv, "csv"),
+        ("ner", ner_rows, write_jsonl, "jsonl"),
+        ("topics", topic_rows, write_jsonl, "jsonl"),
+    ):
+        write(out_dir / f"{name}_train.{suffix}", make(n_train, seed=11))
+        write(out_dir / f"{name}_val.{suffix}", make(n_val, seed=12))
+
+
 def write_all(out_dir: Path, n_train: int = 4000, n_val: int = 200) -> None:
     build_tokenizer(out_dir / "tokenizer")
     train, val = instruction_rows(n_train, seed=1), instruction_rows(n_val, seed=2)
@@ -101,6 +204,7 @@ def write_all(out_dir: Path, n_train: int = 4000, n_val: int = 200) -> None:
     write_jsonl(out_dir / "digits_chat_val.jsonl", [to_chat(r) for r in val])
     write_jsonl(out_dir / "digits_sharegpt_train.jsonl", [to_chat(r, True) for r in train])
     write_jsonl(out_dir / "digits_text_train.jsonl", [to_text(r) for r in train])
+    write_classification(out_dir)
 
 
 def main() -> None:

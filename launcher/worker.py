@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint as ckpt
+from launcher import classification, task_eval
 from launcher.data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -45,8 +46,8 @@ from launcher.modeling import (
     DTYPES,
     apply_lora,
     build_model,
+    load_task_config,
     enable_gradient_checkpointing,
-    load_model_config,
     load_tokenizer,
     resolve_attention,
     zero3_init_context,
@@ -188,6 +189,24 @@ def forward_loss(
 ) -> torch.Tensor:
     """Summed next-token cross-entropy over real targets (normalised by the caller)."""
     return model_loss_sum(engine, batch, loss)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a micro batch contributes: its summed loss, and the targets it is normalised by."""
+
+    loss_sum: Callable[[Any, dict[str, Any]], torch.Tensor]
+    targets: Callable[[dict[str, torch.Tensor]], int]
+
+
+def objective_for(recipe: Recipe, loss: LossConfig) -> Objective:
+    if recipe.task == "causal_lm":
+        return Objective(lambda engine, batch: forward_loss(engine, batch, loss), target_count)
+    problem = recipe.labels.problem_type
+    return Objective(
+        lambda engine, batch: classification.batch_loss_sum(engine, batch, problem),
+        lambda batch: classification.target_count(batch["labels"], problem),
+    )
 
 
 # ---------------------------------------------------------------- evaluation
@@ -339,7 +358,9 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     train = recipe.train
     torch.manual_seed(train.seed)
     tokenizer = load_tokenizer(recipe.model)
-    data = node_local_first(rank, lambda: prepare_data(recipe.data, tokenizer, train.seed))
+    data = node_local_first(
+        rank, lambda: prepare_data(recipe.data, tokenizer, train.seed, recipe.labels)
+    )
     attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     dtype = DTYPES[recipe.model.dtype]
     packed = pack_examples(data.train.lengths(), recipe.data.max_length) if recipe.data.packing else None
@@ -357,7 +378,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
 
     torch.manual_seed(train.seed)
     with zero3_init_context(ds_config):
-        model = build_model(recipe.model, load_model_config(recipe.model), attention)
+        config = load_task_config(recipe, tokenizer.pad_token_id)
+        model = build_model(recipe.model, config, attention, recipe.task)
         kernels = plan_kernels(
             recipe.model, recipe.lora, model.config.model_type, recipe.resources.use_gpu,
             zero_stage(ds_config),
@@ -366,7 +388,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         if recipe.model.gradient_checkpointing:
             enable_gradient_checkpointing(model, recipe.model.checkpoint_every)
         if recipe.method == "lora":
-            model = apply_lora(model, recipe.lora)
+            model = apply_lora(model, recipe.lora, recipe.task)
         optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, steps))
         engine, *_ = deepspeed.initialize(
@@ -399,6 +421,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         if sink:
             sink.write({"step": 0} | initial)
     scale = train.grad_accum * rank.world
+    objective = objective_for(recipe, kernels.loss)
     every = recipe.checkpoint.every_steps
     for step in range(start, steps):
         maybe_inject_fault(step, run_dir, rank)
@@ -406,13 +429,13 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         indices = plan.micro_batches(step, rank.rank)
         micro = [batches.make(ix, rank.device) for ix in indices]
         counts = torch.tensor(
-            [sum(target_count(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
+            [sum(objective.targets(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
             dtype=torch.float64, device=rank.device,
         )
         targets, real_tokens = all_reduce(counts).tolist()
         loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
         for batch in micro:
-            loss = forward_loss(engine, batch, kernels.loss)
+            loss = objective.loss_sum(engine, batch)
             engine.backward(loss * scale / targets)
             engine.step()
             loss_total += loss.detach().double()
@@ -445,6 +468,11 @@ def run_eval(
     engine: Any, recipe: Recipe, batches: Batches, split: TokenizedSplit, rank: Rank,
     pad_id: int, stage3: bool,
 ) -> dict[str, float]:
+    if recipe.task != "causal_lm":
+        return task_eval.evaluate(
+            engine, lambda ix: batches.make(ix, rank.device), split, rank,
+            recipe.train.micro_batch_size, recipe.eval.max_batches, recipe.task, recipe.labels,
+        )
     metrics = evaluate(engine, batches, rank, recipe.train.micro_batch_size, recipe.eval.max_batches)
     em = recipe.eval.exact_match
     if em is not None:
