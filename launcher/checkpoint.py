@@ -24,6 +24,7 @@ import torch
 from launcher.errors import UserInputError
 
 MARKER = "COMMITTED.json"
+BEST = "best.json"  # in checkpoints/: the step of the best evaluation (eval.early_stopping)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL = "universal"
 # Non-tensor classes DeepSpeed pickles into its checkpoints. Anything else in a pickle could
@@ -225,20 +226,33 @@ def to_universal(ckpt: Path) -> Path:
     return target
 
 
-def retain(run_dir: Path, keep_last: int) -> list[Path]:
-    """Delete committed checkpoints beyond the newest ``keep_last`` and interrupted saves
-    older than the newest commit. Never touches the newest committed checkpoint."""
+def retain(run_dir: Path, keep_last: int, keep: Sequence[int] = ()) -> list[Path]:
+    """Delete committed checkpoints beyond the newest ``keep_last`` (except the steps in
+    ``keep``, e.g. the best one) and interrupted saves older than the newest commit. Never
+    touches the newest committed checkpoint."""
     done = committed(run_dir)
     if not done:
         return []
     newest = done[0].step
-    doomed = [c.path for c in done[keep_last:]]
+    doomed = [c.path for c in done[keep_last:] if c.step not in keep]
     doomed += [
         c.path for c in candidates(run_dir) if c.step < newest and read_manifest(c.path) is None
     ]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def write_best(run_dir: Path, step: int, metric: str, value: float) -> None:
+    write_atomic(
+        checkpoints_dir(run_dir) / BEST, json.dumps({"step": step, "metric": metric, "value": value})
+    )
+
+
+def best_steps(run_dir: Path) -> tuple[int, ...]:
+    """The best checkpoint's step, when the run keeps one (for retention and export)."""
+    path = checkpoints_dir(run_dir) / BEST
+    return (json.loads(path.read_text())["step"],) if path.is_file() else ()
 
 
 def rng_state() -> dict[str, torch.Tensor]:

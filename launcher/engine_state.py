@@ -99,7 +99,7 @@ def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> N
         entries = {k: v for part in gathered for k, v in part.items()}
         info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
         ckpt.commit(path, entries, info)
-        ckpt.retain(run_dir, recipe.checkpoint.keep_last)
+        ckpt.retain(run_dir, recipe.checkpoint.keep_last, keep=ckpt.best_steps(run_dir))
         rank.log(f"checkpoint committed: {path}")
     dist.barrier()
 

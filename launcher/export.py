@@ -26,7 +26,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
+    """The checkpoint at ``step``; by default the best one (eval.early_stopping), else the newest."""
     done = ckpt.committed(run_dir)
+    if step is None and ckpt.best_steps(run_dir):
+        step = ckpt.best_steps(run_dir)[0]
     if step is not None:
         done = [c for c in done if c.step == step]
         if not done:

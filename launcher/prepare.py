@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 
-from launcher.classification import infer_label_names
+from launcher.classification import head_module_names, infer_label_names
 from launcher.data import PreparedData, pack_examples, prepare_data, read_rows
 from launcher.ds_config import resolve_ds_config, zero_stage
+from launcher.early_stop import reported_metrics
 from launcher.errors import UserInputError
 from launcher.kernels import plan_kernels
 from launcher.modeling import (
@@ -27,6 +28,7 @@ from launcher.modeling import (
     resolve_attention,
 )
 from launcher.recipe import DataSource, Recipe
+from launcher.trainable import apply_trainable, check_lr_groups
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,29 @@ def with_label_names(recipe: Recipe) -> Recipe:
     return recipe.model_copy(update={"labels": labels.model_copy(update={"names": names})})
 
 
+def check_trainable(recipe: Recipe, model: torch.nn.Module) -> None:
+    """train.freeze and train.lr_groups name parameters this model has (full and bitfit)."""
+    head = head_module_names(model) if recipe.task != "causal_lm" else []
+    apply_trainable(model, recipe.method, recipe.train.freeze, head)
+    check_lr_groups([n for n, p in model.named_parameters() if p.requires_grad], recipe.train)
+
+
+def check_early_stopping(recipe: Recipe) -> None:
+    stopping = recipe.eval.early_stopping
+    if stopping is None:
+        return
+    labels = recipe.labels
+    known = reported_metrics(
+        recipe.task, labels.problem_type if labels else None, labels.num_labels if labels else 0,
+        recipe.eval.exact_match is not None,
+    )
+    if stopping.metric not in known:
+        raise UserInputError(
+            "eval.early_stopping.metric",
+            f"'{stopping.metric}' is not reported by this run; choose one of {sorted(known)}",
+        )
+
+
 def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     """Checks that need no model, tokenizer or data: for recipes whose model or data live on
     a hub this machine cannot reach. The DeepSpeed config is resolved with default buckets."""
@@ -119,8 +144,11 @@ def prepare(recipe: Recipe) -> Prepared:
         attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     if recipe.method == "lora":
         check_lora_targets(meta_model(config, recipe.task), recipe.lora)
+    else:
+        check_trainable(recipe, meta_model(config, recipe.task))
     tokenizer = load_tokenizer(recipe.model)
     recipe = with_label_names(recipe)
+    check_early_stopping(recipe)
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed, recipe.labels)
     units = (
         len(pack_examples(data.train.lengths(), recipe.data.max_length))

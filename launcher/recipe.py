@@ -255,6 +255,25 @@ TASK_FORMATS = {
 }
 
 
+class FreezeSection(Section):
+    embeddings: bool = Field(
+        False, description="Freeze the input embeddings (and position / token-type embeddings)."
+    )
+    first_layers: int = Field(0, ge=0, description="Freeze the first k transformer layers.")
+    patterns: list[str] = Field(
+        default_factory=list,
+        description="Freeze every parameter whose name matches one of these regular "
+        "expressions (re.search), e.g. ['^bert\\.pooler\\.']; each must match something.",
+    )
+
+
+class LrGroup(Section):
+    pattern: str = Field(
+        description="Regular expression (re.search) on parameter names, e.g. 'classifier|score'."
+    )
+    lr: float = Field(gt=0, description="Peak learning rate of the matching parameters.")
+
+
 class TrainSection(Section):
     max_steps: PositiveInt | None = Field(
         None, description="Optimizer steps to run; default from train.epochs."
@@ -278,6 +297,17 @@ class TrainSection(Section):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: off.")
     seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    freeze: FreezeSection = Field(
+        default_factory=FreezeSection,
+        description="Parameters kept frozen (method full or bitfit): embeddings, the first k "
+        "layers, or names matching patterns.",
+    )
+    lr_groups: list[LrGroup] = Field(
+        default_factory=list,
+        description="Discriminative learning rates: a parameter takes the lr of the first group "
+        "whose pattern matches its name, else train.lr; all follow the same schedule. E.g. "
+        "[{pattern: classifier, lr: 1e-3}] for a faster new head.",
+    )
 
 
 class DeepSpeedSection(Section):
@@ -349,6 +379,14 @@ class ResourcesSection(Section):
 
 class CheckpointSection(Section):
     every_steps: PositiveInt | None = Field(None, description="Save every N optimizer steps.")
+    every_minutes: float | None = Field(
+        None, gt=0, description="Also save when this many minutes passed since the last save."
+    )
+    resume_from: str | None = Field(
+        None,
+        description="A run directory or one checkpoints/step_N directory to start from when "
+        "output_dir has no checkpoint yet (weights, optimizer and step are restored).",
+    )
     keep_last: int = Field(2, ge=2, description="Committed checkpoints kept (at least 2).")
     max_failures: int = Field(
         0, ge=0, description="Restarts from the newest checkpoint after a worker failure."
@@ -360,11 +398,33 @@ class GenerationEval(Section):
     num_examples: PositiveInt = Field(64, description="Validation examples to decode.")
 
 
+class EarlyStoppingSection(Section):
+    metric: str = Field(
+        description="The evaluation metric to watch, as logged: eval_loss, eval_accuracy, "
+        "eval_f1, eval_exact_match, ..."
+    )
+    mode: Literal["min", "max"] = Field(
+        description="min: lower is better (losses); max: higher is better (accuracy, F1)."
+    )
+    patience: PositiveInt = Field(
+        3, description="Stop after this many evaluations in a row without improvement."
+    )
+    min_delta: float = Field(
+        0.0, ge=0, description="An improvement must beat the best value by more than this."
+    )
+
+
 class EvalSection(Section):
     every_steps: PositiveInt | None = Field(None, description="Evaluate every N steps.")
     at_start: bool = Field(False, description="Also evaluate before the first step (step 0).")
     at_end: bool = Field(True, description="Evaluate after the last step.")
     max_batches: PositiveInt | None = Field(None, description="Cap on validation batches.")
+    early_stopping: EarlyStoppingSection | None = Field(
+        None,
+        description="Stop when eval.early_stopping.metric has not improved for `patience` "
+        "evaluations. The checkpoint of the best evaluation is kept (beyond checkpoint.keep_last) "
+        "and is the one exported to final/. The at_start evaluation is not a candidate.",
+    )
     exact_match: GenerationEval | None = Field(
         None, description="Greedy-decode validation prompts and report eval_exact_match."
     )
@@ -373,6 +433,13 @@ class EvalSection(Section):
 class LoggingSection(Section):
     every_steps: PositiveInt = Field(1, description="Write metrics every N steps.")
     progress: bool = Field(True, description="Show a live progress line on the driver.")
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak dense TFLOP/s of one device at the training precision, for the mfu "
+        "metric. Default: looked up from the GPU's name (H100, H200, A100, L4, ...); on CPU, "
+        "and on GPUs not in the table, mfu is reported only when this is set.",
+    )
 
 
 class Recipe(Section):
@@ -383,7 +450,10 @@ class Recipe(Section):
         "sequence_classification: one label (or several, or a number) per text or text pair "
         "through a new classification head; token_classification: one tag per word (e.g. NER).",
     )
-    method: Literal["full", "lora"] = Field(description="full fine-tuning or LoRA adapters.")
+    method: Literal["full", "lora", "bitfit"] = Field(
+        description="full fine-tuning, LoRA adapters, or bitfit (train only the biases, and a "
+        "new classification head)."
+    )
     model: ModelSection
     lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
     labels: LabelsSection | None = Field(
@@ -415,6 +485,13 @@ class Recipe(Section):
     def _cross_field(self) -> Recipe:
         if self.lora is not None and self.method != "lora":
             raise ValueError("lora: the lora section is only allowed with method: lora")
+        if self.method == "lora" and self.train.freeze != FreezeSection():
+            raise ValueError("train.freeze: with method: lora only the adapter trains already")
+        if self.eval.early_stopping is not None:
+            if not self.eval.every_steps:
+                raise ValueError("eval.early_stopping: needs eval.every_steps")
+            if self.data.validation is None and self.data.val_fraction == 0:
+                raise ValueError("eval.early_stopping: needs validation data")
         if self.data.format not in TASK_FORMATS[self.task]:
             raise ValueError(
                 f"data.format: {self.data.format} data cannot train task {self.task}; use "

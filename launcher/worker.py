@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint as ckpt
-from launcher import classification, task_eval
+from launcher import classification, early_stop, engine_state, task_eval
 from launcher.data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -38,10 +37,11 @@ from launcher.data import (
     total_steps,
 )
 from launcher.ds_config import offloads_optimizer, zero_stage
+from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.kernels import apply_kernels, plan_kernels
-from launcher.losses import LossConfig, model_loss_sum
+from launcher.losses import LossConfig, causal_lm, model_loss_sum
 from launcher.losses import token_loss_sum  # noqa: F401  (the plain loss, used by the parity test)
-from launcher.metrics import JsonlSink
+from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.modeling import (
     DTYPES,
     apply_lora,
@@ -52,38 +52,11 @@ from launcher.modeling import (
     resolve_attention,
     zero3_init_context,
 )
-from launcher.recipe import Recipe, TrainSection
+from launcher.faults import fault_point
+from launcher.ranks import Rank, all_reduce, current_rank, gather
+from launcher.recipe import EarlyStoppingSection, Recipe, TrainSection
 from launcher.schedule import lr_lambda
-
-FAULT_ENV = "FTLAUNCH_TEST_FAIL_AT_STEP"
-
-
-@dataclass(frozen=True)
-class Rank:
-    rank: int
-    world: int
-    local_rank: int
-    device: torch.device
-
-    def log(self, message: str) -> None:
-        if self.rank == 0:
-            print(f"[ftlaunch] {message}", flush=True)
-
-
-def current_rank(use_gpu: bool) -> Rank:
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if use_gpu:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    return Rank(dist.get_rank(), dist.get_world_size(), local, device)
-
-
-def all_reduce(value: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-    dist.all_reduce(value, op=op)
-    return value
-
+from launcher.trainable import apply_trainable, optimizer_groups
 
 # ---------------------------------------------------------------- entry points
 
@@ -111,17 +84,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, train: TrainSection, offload: bool) -> Any:
-    """AdamW with no weight decay on biases and norm weights (parameters of rank < 2)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            shape = getattr(p, "ds_shape", p.shape)
-            (decay if len(shape) >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """AdamW with no weight decay on biases and norm weights (parameters of rank < 2), and
+    per-group learning rates from train.lr_groups."""
+    groups = optimizer_groups(model.named_parameters(), train)
     kwargs = {"lr": train.lr, "betas": train.betas, "eps": train.eps}
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -286,66 +251,6 @@ def exact_match(
     return correct / max(total, 1)
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> None:
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-
-    root = ckpt.checkpoints_dir(run_dir)
-    path = root / ckpt.tag_for(step)
-    if rank.rank == 0 and path.exists():
-        shutil.rmtree(path)  # an older, uncommitted or superseded save of this step
-    dist.barrier()
-    client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: {"universal_checkpoint_version": 0.2}}
-    engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
-    ckpt.save_rng(path, rank.rank)
-    if rank.rank == 0:
-        state = {"step": step, "world_size": rank.world, "recipe": recipe.model_dump(mode="json")}
-        ckpt.trainer_state_path(path).write_text(json.dumps(state, indent=1))
-    dist.barrier()
-    mine = ckpt.flush_and_hash(path, ckpt.share(ckpt.payload_files(path), rank.rank, rank.world))
-    gathered: list[Any] = [None] * rank.world
-    dist.all_gather_object(gathered, mine)
-    if rank.rank == 0:
-        entries = {k: v for part in gathered for k, v in part.items()}
-        info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
-        ckpt.commit(path, entries, info)
-        ckpt.retain(run_dir, recipe.checkpoint.keep_last)
-        rank.log(f"checkpoint committed: {path}")
-    dist.barrier()
-
-
-def resume(engine: Any, run_dir: Path, rank: Rank) -> int:
-    def all_agree(ok: bool) -> bool:
-        flag = torch.tensor(int(ok), device=rank.device)
-        return bool(all_reduce(flag, dist.ReduceOp.MIN).item())
-
-    def warn(message: str) -> None:
-        rank.log(f"WARNING: {message}")
-
-    found = ckpt.newest_valid(run_dir, rank.rank, rank.world, all_agree, warn)
-    if found is None:
-        return 0
-    engine.load_checkpoint(
-        str(found.path.parent), tag=found.path.name, load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    ckpt.load_rng(found.path, rank.rank)
-    rank.log(f"resumed from {found.path} (step {found.step})")
-    return found.step
-
-
-def maybe_inject_fault(step: int, run_dir: Path, rank: Rank) -> None:
-    """Test hook: with FTLAUNCH_TEST_FAIL_AT_STEP=N, rank 0 dies once on reaching step N."""
-    target = os.environ.get(FAULT_ENV)
-    marker = run_dir / ".fault_injected"
-    if target and int(target) == step and rank.rank == 0 and not marker.exists():
-        marker.write_text(str(step))
-        print(f"[ftlaunch] injected fault at step {step}", flush=True)
-        os._exit(17)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -376,6 +281,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     )
     steps = total_steps(plan, train.max_steps, train.epochs)
 
+    resume_point = engine_state.find_resume_point(run_dir, recipe.checkpoint, rank)
+    ds_config = engine_state.config_for(ds_config, resume_point)
     torch.manual_seed(train.seed)
     with zero3_init_context(ds_config):
         config = load_task_config(recipe, tokenizer.pad_token_id)
@@ -387,6 +294,9 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         apply_kernels(model, kernels)
         if recipe.model.gradient_checkpointing:
             enable_gradient_checkpointing(model, recipe.model.checkpoint_every)
+        if recipe.method != "lora":
+            head = classification.head_module_names(model) if recipe.task != "causal_lm" else []
+            apply_trainable(model, recipe.method, recipe.train.freeze, head)
         if recipe.method == "lora":
             model = apply_lora(model, recipe.lora, recipe.task)
         optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
@@ -396,14 +306,19 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         )
     if recipe.model.compile:
         engine.compile()
+    lora = recipe.method == "lora"
+    per_token = flops_per_token(model_shape(causal_lm(model)), recipe.data.max_length, lora)
+    peak = device_peak_flops(rank.device, recipe.logging.peak_tflops, recipe.model.dtype)
 
-    start = resume(engine, run_dir, rank)
+    start = engine_state.restore(engine, resume_point, rank)
+    engine_state.record_attempt(run_dir, start, resume_point, rank)
     sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
     if rank.rank == 0:
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         info = {
             "total_steps": steps, "steps_per_epoch": plan.steps_per_epoch, "world_size": rank.world,
             "attention": attention, "kernels": kernels.kernels, "loss": kernels.loss.kind,
+            "flops_per_token": per_token, "peak_flops": peak,
             "packed_rows": len(packed) if packed else None,
             "trainable_parameters": trainable,
             "data": {k: v.__dict__ for k, v in data.stats.items()},
@@ -422,10 +337,15 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             sink.write({"step": 0} | initial)
     scale = train.grad_accum * rank.world
     objective = objective_for(recipe, kernels.loss)
-    every = recipe.checkpoint.every_steps
-    for step in range(start, steps):
-        maybe_inject_fault(step, run_dir, rank)
+    saves = engine_state.SaveSchedule(recipe.checkpoint, steps)
+    stopping = recipe.eval.early_stopping
+    history = eval_history(run_dir, stopping, start, rank)
+    stopped = stopping is not None and early_stop.judge(history, stopping).stop
+    for step in range(start, start if stopped else steps):
+        fault_point("crash", step, run_dir, rank)
+        fault_point("hang", step, run_dir, rank)
         began = time.perf_counter()
+        timer = PhaseTimer(rank.device)
         indices = plan.micro_batches(step, rank.rank)
         micro = [batches.make(ix, rank.device) for ix in indices]
         counts = torch.tensor(
@@ -433,22 +353,32 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             dtype=torch.float64, device=rank.device,
         )
         targets, real_tokens = all_reduce(counts).tolist()
+        timer.lap("data")
         loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
         for batch in micro:
             loss = objective.loss_sum(engine, batch)
             engine.backward(loss * scale / targets)
+            timer.lap("fwd_bwd")
             engine.step()
+            timer.lap("optim")
             loss_total += loss.detach().double()
         loss_value = all_reduce(loss_total).item() / targets
+        seconds = time.perf_counter() - began
         done = step + 1
         record = {
             "step": done,
             "loss": loss_value,
             "lr": schedule.get_last_lr()[0],
             "grad_norm": _float(engine.get_global_grad_norm()),
-            "tokens_per_s": real_tokens / (time.perf_counter() - began),
+            "tokens": int(real_tokens),
+            "tokens_per_s": real_tokens / seconds,
+            **timer.seconds(),
+            "peak_memory_gb": peak_memory_gb(rank.device),
             "epoch": step / max(plan.steps_per_epoch, 1),
         }
+        if peak:
+            record["mfu"] = mfu(per_token, real_tokens / seconds, rank.world, peak)
+            record["mfu_basis"] = "lora" if lora else "full"
         eval_due = val_batches is not None and (
             (recipe.eval.every_steps and done % recipe.eval.every_steps == 0)
             or (done == steps and recipe.eval.at_end)
@@ -457,11 +387,32 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             record |= run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
         if sink and (done % recipe.logging.every_steps == 0 or eval_due or done == steps):
             sink.write(record)
-        if (every and done % every == 0) or done == steps:
-            save_checkpoint(engine, run_dir, done, rank, recipe)
+        verdict = None
+        if eval_due and stopping is not None:
+            history, verdict = early_stop.observe(history, stopping, done, record)
+        if saves.due(done, rank) or (verdict and (verdict.improved or verdict.stop)):
+            engine_state.save(engine, run_dir, done, rank, recipe)
+        if verdict and verdict.improved and rank.rank == 0:
+            ckpt.write_best(run_dir, done, stopping.metric, verdict.best_value)
+        if verdict and verdict.stop:
+            rank.log(
+                f"early stopping at step {done}: {stopping.metric} has not improved for "
+                f"{verdict.stale} evaluations (best {verdict.best_value:.4g} at step {verdict.best_step})"
+            )
+            break
     write_probe(engine, run_dir, rank, tokenizer)
     if sink:
         sink.close()
+
+
+def eval_history(
+    run_dir: Path, stopping: EarlyStoppingSection | None, start: int, rank: Rank
+) -> list[tuple[int, float]]:
+    """The evaluations logged before ``start`` (a resumed run continues judging them)."""
+    if stopping is None:
+        return []
+    records = read_metrics(run_dir / "metrics.jsonl") if rank.rank == 0 else None
+    return early_stop.history_from(gather(records, rank)[0], stopping.metric, start)
 
 
 def run_eval(
