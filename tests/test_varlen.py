@@ -4,11 +4,18 @@ flash_attn_varlen_func computes (causal attention inside each [cu[i], cu[i+1]) s
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM, LlamaConfig
+from transformers import (
+    AttentionInterface,
+    AttentionMaskInterface,
+    AutoModelForCausalLM,
+    LlamaConfig,
+)
 
 from launcher.data import (
     IGNORE_INDEX,
@@ -33,7 +40,7 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     CALLS.append(cu_seq_lens_q)
     out = torch.empty_like(query)
     bounds = cu_seq_lens_q.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in pairwise(bounds):
         out[:, :, a:b] = F.scaled_dot_product_attention(
             query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
             enable_gqa=True,
