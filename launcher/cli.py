@@ -115,7 +115,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         write_run_files(run_dir, recipe, prepared.ds_config)
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
         trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
-        orchestrate.fit(trainer, run_dir, progress=not args.no_progress)
+        orchestrate.fit(
+            trainer, run_dir, not args.no_progress and recipe.logging.progress,
+            recipe.checkpoint.max_failures,
+        )
     except orchestrate.TrainingFailed as e:
         print(f"ftlaunch: training failed: {e}", file=sys.stderr)
         return 1

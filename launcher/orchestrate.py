@@ -104,16 +104,26 @@ def run_torchrun(recipe: Recipe, run_dir: Path) -> int:
     return subprocess.run(command, env=env).returncode
 
 
-def fit(trainer: Any, run_dir: Path, progress: bool) -> None:
+def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int) -> None:
     from ray.train import TrainingFailedError
 
     from launcher.metrics import ProgressFollower
 
+    before = _attempts(run_dir)
     try:
         with ProgressFollower(run_dir) if progress else nullcontext():
             trainer.fit()
     except TrainingFailedError as e:
-        raise TrainingFailed(_root_cause(e)) from e
+        attempts = _attempts(run_dir) - before
+        raise TrainingFailed(
+            f"{attempts} attempt(s) failed (checkpoint.max_failures={max_failures}); "
+            f"last error: {_root_cause(e)}"
+        ) from e
+
+
+def _attempts(run_dir: Path) -> int:
+    path = run_dir / "attempts.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 def _root_cause(error: BaseException) -> str:

@@ -1,0 +1,284 @@
+"""Never lose work: committed checkpoints, restarts after failures, corrupt and partial
+checkpoints, driver death, world-size changes, retention, export and safe loading.
+
+Real local Ray cluster, real DeepSpeed engines; faults come from the launcher's own
+FTLAUNCH_TEST_FAULT hook (launcher/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from launcher import checkpoint as ckpt
+from launcher.metrics import read_metrics
+from tests.conftest import ROOT, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.e2e
+STEPS = 8
+
+
+def spec(run_dir: Path, **changes):
+    base = {
+        "train": {"max_steps": STEPS, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 5},
+        "resources": {"num_workers": 2},
+        "checkpoint": {"every_steps": 2, "keep_last": 3},
+        "data": {"validation": None},
+    }
+    from tests.conftest import deep_update
+
+    return tiny_recipe(run_dir, **deep_update(base, changes))
+
+
+def launch(cli, tmp_path: Path, recipe: dict, name: str = "recipe.yaml", *extra: str):
+    return cli(write_recipe(tmp_path / name, recipe), *extra)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, tmp_path_factory):
+    """An uninterrupted 2-worker run that every fault scenario must reproduce."""
+    from launcher.cli import main
+
+    tmp = tmp_path_factory.mktemp("reference")
+    run_dir = tmp / "run"
+    assert main([str(write_recipe(tmp / "r.yaml", spec(run_dir)))]) == 0
+    return run_dir
+
+
+def test_reference_keeps_exactly_keep_last(reference):
+    assert [c.step for c in ckpt.committed(reference)] == [8, 6, 4]
+    assert len(losses(reference)) == STEPS
+    assert [a["resume_step"] for a in attempts(reference)] == [0]
+
+
+def test_worker_crash_restarts_and_matches_uninterrupted(reference, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, checkpoint={"max_failures": 1}, resources={"env": {"FTLAUNCH_TEST_FAULT": "crash:5"}})
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 0, err
+    assert [a["resume_step"] for a in attempts(run_dir)] == [0, 4]
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6, abs=1e-6)
+
+
+def test_retries_exhausted_exit_1_after_max_failures_plus_one(ray_cluster, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, checkpoint={"max_failures": 1},
+                  resources={"env": {"FTLAUNCH_TEST_FAULT": "crash:3:always"}})
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 1
+    assert "2 attempt(s) failed (checkpoint.max_failures=1)" in err
+    assert len(attempts(run_dir)) == 2
+
+
+def test_crash_during_save_resumes_from_previous_commit(reference, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, checkpoint={"max_failures": 1}, resources={"env": {"FTLAUNCH_TEST_FAULT": "save:4"}})
+    code, out, err = launch(cli, tmp_path, recipe)
+    assert code == 0, err
+    assert [a["resume_step"] for a in attempts(run_dir)] == [0, 2]
+    assert any("step_00000004: not committed" in s for s in attempts(run_dir)[1]["skipped"])
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6, abs=1e-6)
+    assert [c.step for c in ckpt.committed(run_dir)] == [8, 6, 4]
+
+
+def _flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bit_flip_and_truncation_are_skipped(reference, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    shutil.rmtree(run_dir / "final")
+    _flip_byte(next((run_dir / "checkpoints" / "step_00000008").glob("*optim_states.pt")))
+    shard = next((run_dir / "checkpoints" / "step_00000006").glob("*model_states.pt"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    recipe = spec(run_dir)
+    code, out, err = launch(cli, tmp_path, recipe)
+    assert code == 0, err
+    last = attempts(run_dir)[-1]
+    assert last["resume_step"] == 4
+    assert "step_00000008" in last["skipped"][0] and "checksum" in last["skipped"][0]
+    assert "step_00000006" in last["skipped"][1] and "bytes" in last["skipped"][1]
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-6, abs=1e-6)
+
+
+def test_nothing_valid_is_an_error_not_a_fresh_start(reference, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    for c in ckpt.committed(run_dir):
+        _flip_byte(next(c.path.glob("*model_states.pt")))
+    before = (run_dir / "metrics.jsonl").read_text()
+    code, _, err = launch(cli, tmp_path, spec(run_dir))
+    assert code == 1
+    assert "none is committed and intact" in err
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert len(attempts(run_dir)) == 1
+
+
+@pytest.mark.parametrize("first,second", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
+def test_resume_on_a_different_world_size(reference, cli, tmp_path, first, second):
+    """The global batch stays the same (accumulation makes up for fewer workers), so the
+    continued run must track the uninterrupted one."""
+    run_dir = tmp_path / "run"
+    shape = lambda n: {"num_workers": n}  # noqa: E731
+    accum = lambda n: {"grad_accum": 2 // n}  # noqa: E731
+    crashed = spec(run_dir, resources=shape(first) | {"env": {"FTLAUNCH_TEST_FAULT": "crash:5"}},
+                   train=accum(first))
+    assert launch(cli, tmp_path, crashed)[0] == 1
+    code, out, err = launch(cli, tmp_path, spec(run_dir, resources=shape(second), train=accum(second)), "again.yaml")
+    assert code == 0, err
+    last = attempts(run_dir)[-1]
+    assert (last["resume_step"], last["world"], last["universal"]) == (4, second, True)
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-4, abs=1e-4)
+
+
+def test_driver_sigkill_then_same_command_resumes(ray_cluster, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, train={"max_steps": 60}, checkpoint={"every_steps": 3})
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", str(path), "--no-progress"], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not any(c.step >= 6 for c in ckpt.committed(run_dir)):
+            assert driver.poll() is None, "the driver ended before it could be killed"
+            time.sleep(0.5)
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = ckpt.committed(run_dir)[0].step
+    assert 6 <= killed_at < 60
+    time.sleep(2)
+    code, _, err = cli(path)
+    assert code == 0, err
+    assert attempts(run_dir)[-1]["resume_step"] >= killed_at
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, 61))
+    assert (run_dir / "final" / "config.json").is_file()
+
+
+def test_zero3_full_export_matches_and_zero_to_fp32_reads_it(ray_cluster, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, deepspeed={"config": "zero3"}, train={"max_steps": 4},
+                  checkpoint={"every_steps": None, "every_minutes": 0.0001, "keep_last": 2})
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 0, err
+    assert [c.step for c in ckpt.committed(run_dir)] == [4, 3]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    out = tmp_path / "fp32"
+    subprocess.run(
+        [sys.executable, str(run_dir / "checkpoints" / "zero_to_fp32.py"), str(run_dir / "checkpoints"),
+         str(out), "--tag", "step_00000004", "--safe_serialization"],
+        check=True, capture_output=True,
+    )
+    theirs = {k: v for f in out.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    ours = model.state_dict()
+    assert theirs and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+
+
+def test_export_merges_lora(ray_cluster, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, method="lora", train={"max_steps": 2, "lr": 5e-2},
+                  lora={"r": 4, "target_modules": ["q_proj", "v_proj"]})
+    assert launch(cli, tmp_path, recipe)[0] == 0
+    code, out, err = cli("export", run_dir, "--merge-lora", "--out", tmp_path / "merged")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_and_never_runs(reference, cli, tmp_path):
+    """Even with a manifest that vouches for it, a checkpoint whose pickle would import
+    anything beyond tensors and DeepSpeed's state classes is refused unread."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    marker = tmp_path / "payload-ran"
+    newest = ckpt.committed(run_dir)[0].path
+    shard = next(newest.glob("*model_states.pt"))
+    torch.save({"module": {}, "evil": _Payload(marker)}, shard, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    manifest = ckpt.read_manifest(newest)
+    entries = ckpt.flush_and_hash(newest, sorted(manifest["files"]))
+    ckpt.commit(newest, entries, {k: v for k, v in manifest.items() if k != "files"})
+    code, _, err = cli("export", run_dir, "--checkpoint", "8")
+    assert code == 2 and "could run code" in err
+    assert not marker.exists()
+    warnings = []
+    chosen = ckpt.newest_valid(run_dir, 0, 1, lambda problem: [problem], warnings.append)
+    assert chosen.step == 6 and "could run code" in warnings[0]
+    assert not marker.exists()
+
+
+def test_retention_never_deletes_newest_and_clears_partials(tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (2, 4, 6, 8):
+        path = ckpt.checkpoints_dir(run_dir) / ckpt.tag_for(step)
+        path.mkdir(parents=True)
+        (path / "shard.pt").write_text("x")
+        if step != 4:
+            ckpt.commit(path, ckpt.flush_and_hash(path, ["shard.pt"]), {"step": step, "world_size": 1})
+    partial_newest = ckpt.checkpoints_dir(run_dir) / ckpt.tag_for(10)
+    partial_newest.mkdir()
+    removed = ckpt.retain(run_dir, keep_last=2)
+    assert sorted(p.name for p in removed) == ["step_00000002", "step_00000004"]
+    assert [c.step for c in ckpt.committed(run_dir)] == [8, 6]
+    assert partial_newest.is_dir()
+
+
+def test_hung_collective_becomes_a_failure(ray_cluster, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, resources={"collective_timeout_s": 15, "env": {"FTLAUNCH_TEST_FAULT": "hang:3"}})
+    began = time.time()
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 1
+    assert "1 attempt(s) failed" in err
+    assert time.time() - began < 240
+    assert [c.step for c in ckpt.committed(run_dir)] == [2]
+
+
+def test_resume_from_another_runs_checkpoint(reference, cli, tmp_path):
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, checkpoint={"resume_from": str(reference / "checkpoints" / "step_00000006")})
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 0, err
+    assert attempts(run_dir)[0]["resume_step"] == 6
+    assert losses(run_dir) == pytest.approx(losses(reference)[6:], rel=1e-6, abs=1e-6)
