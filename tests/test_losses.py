@@ -134,3 +134,16 @@ def test_fused_loss_obstacles_named():
     assert fused_obstacle("liger", None, 2) is None
     assert "ZeRO-3" in fused_obstacle("liger", None, 3)
     assert "lm_head" in fused_obstacle("liger", LoraSection(modules_to_save=["lm_head"]), 2)
+
+
+@pytest.mark.parametrize(
+    "model, field",
+    [({"kernels": "liger"}, "model.kernels"), ({"loss": "fused", "kernels": "none"}, "model.loss")],
+)
+def test_impossible_kernel_recipe_exits_2(cli, tmp_path, model, field):
+    from tests.conftest import tiny_recipe, write_recipe
+
+    run_dir = tmp_path / "run"
+    code, _, err = cli(write_recipe(tmp_path / "r.yaml", tiny_recipe(run_dir, model=model)))
+    assert code == 2 and field in err
+    assert not run_dir.exists()
