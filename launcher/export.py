@@ -17,7 +17,7 @@ import torch
 from launcher import checkpoint as ckpt
 from launcher.errors import ExportError, UserInputError
 from launcher.classification import head_module_names
-from launcher.modeling import DTYPES, auto_model_class, load_task_config, load_tokenizer, lora_config
+from launcher.modeling import DTYPES, adapter_config, auto_model_class, load_task_config, load_tokenizer
 from launcher.recipe import Recipe
 from launcher.rundir import load_resolved
 from launcher.worker import probe_ids
@@ -58,11 +58,11 @@ def rebuild(recipe: Recipe, state: dict[str, torch.Tensor], pad_token_id: int) -
     config = load_task_config(recipe, pad_token_id)
     with no_init_weights():
         model = auto_model_class(recipe.task).from_config(config, dtype=torch.float32)
-    if recipe.method == "lora":
+    if recipe.uses_adapter:
         from peft import get_peft_model
 
         head = head_module_names(model) if recipe.task != "causal_lm" else []
-        model = get_peft_model(model, lora_config(recipe.lora, recipe.task, head))
+        model = get_peft_model(model, adapter_config(recipe, head))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_names(model)
     missing = [k for k in missing if k not in tied]
@@ -90,8 +90,8 @@ def export_run(
     recipe = load_resolved(run_dir)
     if recipe is None:
         raise UserInputError(str(run_dir), "not a run directory (no recipe.resolved.yaml)")
-    if merge_lora and recipe.method != "lora":
-        raise UserInputError("--merge-lora", "only for runs with method: lora")
+    if merge_lora and not recipe.uses_adapter:
+        raise UserInputError("--merge-lora", "only for runs with an adapter (method: lora or ia3)")
     out = (out or run_dir / "final").resolve()
     chosen = choose_checkpoint(run_dir, step)
     tokenizer = load_tokenizer(recipe.model)
@@ -101,7 +101,7 @@ def export_run(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        if recipe.method == "lora" and merge_lora:
+        if recipe.uses_adapter and merge_lora:
             model = model.merge_and_unload()
         expected = _logits(model.to(dtype), probe)
         _save(model, recipe, staging, merge_lora, final_dir=out)
@@ -120,7 +120,7 @@ def export_run(
 
 
 def _save(model: Any, recipe: Recipe, out: Path, merged: bool, final_dir: Path) -> None:
-    if recipe.method != "lora" or merged:
+    if not recipe.uses_adapter or merged:
         model.save_pretrained(str(out), safe_serialization=True, max_shard_size="5GB")
         return
     if recipe.model.architecture is not None:
@@ -136,9 +136,9 @@ def _save(model: Any, recipe: Recipe, out: Path, merged: bool, final_dir: Path) 
 
 
 def _strip_lora_from_base(base_dir: Path) -> None:
-    """get_base_model() still holds LoRA layers and the wrappers of fully trained modules (a
-    classification head); rewrite its weights as the plain base. The trained copies of those
-    modules ship in the adapter."""
+    """get_base_model() still holds the adapter layers (LoRA, DoRA, IA3) and the wrappers of
+    fully trained modules (a classification head); rewrite its weights as the plain base. The
+    trained copies of those modules ship in the adapter."""
     from safetensors.torch import load_file, save_file
 
     for path in base_dir.glob("*.safetensors"):
@@ -146,7 +146,7 @@ def _strip_lora_from_base(base_dir: Path) -> None:
         plain = {
             k.replace(".base_layer.", ".").replace(".original_module.", "."): v
             for k, v in tensors.items()
-            if ".lora_" not in k and ".modules_to_save." not in k
+            if ".lora_" not in k and ".ia3_" not in k and ".modules_to_save." not in k
         }
         save_file(plain, str(path), metadata={"format": "pt"})
 

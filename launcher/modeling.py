@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import LoraSection, ModelSection, Recipe
+from launcher.recipe import IA3Section, LoraSection, ModelSection, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_ATTENTION = {
@@ -186,7 +186,23 @@ def build_model(
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=attention,
         dtype=dtype,
+        **quantization_kwargs(cfg),
     )
+
+
+def quantization_kwargs(cfg: ModelSection) -> dict[str, Any]:
+    """QLoRA's base: 4-bit NF4 weights with double quantization, on this rank's GPU."""
+    if cfg.quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[cfg.dtype],
+    )
+    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
 def lora_config(
@@ -206,19 +222,56 @@ def lora_config(
         exclude_modules=head or None,
         bias=lora.bias,
         modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *head])) or None,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
     )
 
 
-def apply_lora(
-    model: torch.nn.Module, lora: LoraSection, task: str = "causal_lm"
-) -> torch.nn.Module:
-    from peft import get_peft_model
+def ia3_config(ia3: IA3Section, task: str = "causal_lm", head: list[str] | None = None) -> Any:
+    from peft import IA3Config, TaskType
+
+    return IA3Config(
+        task_type=TaskType[PEFT_TASK_TYPES[task]],
+        target_modules=ia3.target_modules,
+        feedforward_modules=ia3.feedforward_modules,
+        exclude_modules=head or None,
+        modules_to_save=head or None,
+    )
+
+
+def adapter_config(recipe: Recipe, head: list[str]) -> Any:
+    """peft's config for the recipe's adapter method (lora or ia3)."""
+    if recipe.method == "ia3":
+        return ia3_config(recipe.ia3, recipe.task, head)
+    return lora_config(recipe.lora, recipe.task, head)
+
+
+def apply_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """Wrap the model in the recipe's peft adapter; a new task head trains in full beside it.
+    A 4-bit base (QLoRA) is first made trainable the way peft prescribes."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     from launcher.classification import head_module_names
 
-    check_lora_targets(model, lora)
-    head = head_module_names(model) if task != "causal_lm" else []
-    return get_peft_model(model, lora_config(lora, task, head))
+    check_adapter_targets(model, recipe)
+    if recipe.model.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    head = head_module_names(model) if recipe.task != "causal_lm" else []
+    return get_peft_model(model, adapter_config(recipe, head))
+
+
+def check_adapter_targets(model: torch.nn.Module, recipe: Recipe) -> None:
+    if recipe.method == "lora":
+        check_lora_targets(model, recipe.lora)
+        return
+    targets = (recipe.ia3.target_modules or []) + (recipe.ia3.feedforward_modules or [])
+    misses = lora_target_misses(model, targets)
+    if misses:
+        raise UserInputError(
+            "ia3.target_modules",
+            f"no module of the model matches {misses}; linear modules are "
+            f"{linear_module_suffixes(model)}",
+        )
 
 
 def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:

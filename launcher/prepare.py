@@ -6,6 +6,7 @@ and this machine. Any failure is a UserInputError, raised before a run directory
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from launcher.early_stop import reported_metrics
 from launcher.errors import UserInputError
 from launcher.kernels import plan_kernels
 from launcher.modeling import (
-    check_lora_targets,
+    check_adapter_targets,
     hidden_size,
     load_model_config,
     load_tokenizer,
@@ -106,6 +107,21 @@ def check_trainable(recipe: Recipe, model: torch.nn.Module) -> None:
     check_lr_groups([n for n, p in model.named_parameters() if p.requires_grad], recipe.train)
 
 
+def check_quantization(recipe: Recipe, ds_config: dict[str, Any]) -> None:
+    """QLoRA needs bitsandbytes on a CUDA machine and a ZeRO stage that leaves frozen weights
+    whole: ZeRO-3 would partition the packed 4-bit tensors."""
+    if recipe.model.quantization == "none":
+        return
+    if zero_stage(ds_config) == 3:
+        raise UserInputError(
+            "model.quantization",
+            "DeepSpeed ZeRO-3 partitions every weight and cannot shard bitsandbytes 4-bit "
+            "weights; use deepspeed.config zero1 or zero2 with QLoRA",
+        )
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserInputError("model.quantization", "needs the bitsandbytes package (pip install bitsandbytes)")
+
+
 def check_early_stopping(recipe: Recipe) -> None:
     stopping = recipe.eval.early_stopping
     if stopping is None:
@@ -127,7 +143,9 @@ def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     a hub this machine cannot reach. The DeepSpeed config is resolved with default buckets."""
     recipe = with_absolute_paths(recipe)
     hidden = (recipe.model.architecture or {}).get("hidden_size")
-    return recipe, resolve_ds_config(recipe, recipe.resources.num_workers, hidden)
+    ds_config = resolve_ds_config(recipe, recipe.resources.num_workers, hidden)
+    check_quantization(recipe, ds_config)
+    return recipe, ds_config
 
 
 def prepare(recipe: Recipe) -> Prepared:
@@ -142,8 +160,8 @@ def prepare(recipe: Recipe) -> Prepared:
     attention = None
     if not recipe.resources.use_gpu or torch.cuda.is_available():
         attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
-    if recipe.method == "lora":
-        check_lora_targets(meta_model(config, recipe.task), recipe.lora)
+    if recipe.uses_adapter:
+        check_adapter_targets(meta_model(config, recipe.task), recipe)
     else:
         check_trainable(recipe, meta_model(config, recipe.task))
     tokenizer = load_tokenizer(recipe.model)
@@ -163,6 +181,7 @@ def prepare(recipe: Recipe) -> Prepared:
             f"{recipe.global_batch_size} (micro_batch_size x grad_accum x num_workers)",
         )
     ds_config = resolve_ds_config(recipe, recipe.resources.num_workers, hidden_size(config))
+    check_quantization(recipe, ds_config)
     if not recipe.resources.use_gpu or torch.cuda.is_available():
         plan_kernels(
             recipe.model, recipe.lora, config.model_type, recipe.resources.use_gpu,

@@ -80,6 +80,12 @@ class ModelSection(Section):
     loss_chunk_size: PositiveInt = Field(
         4096, description="Target tokens per chunk of the chunked loss."
     )
+    quantization: Literal["none", "nf4"] = Field(
+        "none",
+        description="QLoRA: load the pretrained base in 4-bit NF4 with bitsandbytes (double "
+        "quantization, compute in model.dtype) and train LoRA adapters on it. GPUs only; not "
+        "with ZeRO-3, which cannot partition 4-bit weights.",
+    )
     compile: bool = Field(
         False,
         description="Compile the model with torch.compile (DeepSpeed engine.compile()); the "
@@ -118,6 +124,27 @@ class LoraSection(Section):
     bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases train.")
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full beside the adapter."
+    )
+    use_dora: bool = Field(
+        False,
+        description="DoRA: decompose each adapted weight into magnitude and direction and "
+        "adapt the direction with LoRA (peft use_dora).",
+    )
+    use_rslora: bool = Field(
+        False, description="Rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r."
+    )
+
+
+class IA3Section(Section):
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module name suffixes whose activations IA3 rescales; default: peft's "
+        "choice for the model family (attention keys/values and the feed-forward output).",
+    )
+    feedforward_modules: list[str] | None = Field(
+        None,
+        description="Which of target_modules are feed-forward layers (their input is rescaled, "
+        "not their output); default: peft's choice for the model family.",
     )
 
 
@@ -248,6 +275,7 @@ class LabelsSection(Section):
         return 1 if self.problem_type == "regression" else len(self.names or ())
 
 
+ADAPTER_METHODS = ("lora", "ia3")
 TASK_FORMATS = {
     "causal_lm": ("instruction", "chat", "text"),
     "sequence_classification": ("classification",),
@@ -450,12 +478,14 @@ class Recipe(Section):
         "sequence_classification: one label (or several, or a number) per text or text pair "
         "through a new classification head; token_classification: one tag per word (e.g. NER).",
     )
-    method: Literal["full", "lora", "bitfit"] = Field(
-        description="full fine-tuning, LoRA adapters, or bitfit (train only the biases, and a "
-        "new classification head)."
+    method: Literal["full", "lora", "ia3", "bitfit"] = Field(
+        description="full fine-tuning, LoRA adapters (also DoRA, rsLoRA, QLoRA), IA3 adapters "
+        "(learned rescaling of activations), or bitfit (train only the biases, and a new "
+        "classification head)."
     )
     model: ModelSection
     lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
+    ia3: IA3Section | None = Field(None, description="IA3 settings (method: ia3 only).")
     labels: LabelsSection | None = Field(
         None,
         description="Label set and problem type for sequence_classification and "
@@ -472,8 +502,9 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_lora(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("method") == "lora" and data.get("lora") is None:
-            data = {**data, "lora": {}}
+        for method in ADAPTER_METHODS:
+            if isinstance(data, dict) and data.get("method") == method and data.get(method) is None:
+                data = {**data, method: {}}
         classifies = isinstance(data, dict) and data.get("task") in (
             "sequence_classification", "token_classification"
         )
@@ -485,8 +516,20 @@ class Recipe(Section):
     def _cross_field(self) -> Recipe:
         if self.lora is not None and self.method != "lora":
             raise ValueError("lora: the lora section is only allowed with method: lora")
-        if self.method == "lora" and self.train.freeze != FreezeSection():
-            raise ValueError("train.freeze: with method: lora only the adapter trains already")
+        if self.ia3 is not None and self.method != "ia3":
+            raise ValueError("ia3: the ia3 section is only allowed with method: ia3")
+        if self.uses_adapter and self.train.freeze != FreezeSection():
+            raise ValueError(f"train.freeze: with method: {self.method} only the adapter trains")
+        if self.model.quantization != "none":
+            if self.method != "lora":
+                raise ValueError("model.quantization: a 4-bit base trains through LoRA (QLoRA); "
+                                 "use method: lora")
+            if not self.resources.use_gpu:
+                raise ValueError("model.quantization: 4-bit bitsandbytes weights need GPUs "
+                                 "(resources.use_gpu)")
+            if self.model.name_or_path is None:
+                raise ValueError("model.quantization: quantizes pretrained weights; it needs "
+                                 "model.name_or_path, not model.architecture")
         if self.eval.early_stopping is not None:
             if not self.eval.every_steps:
                 raise ValueError("eval.early_stopping: needs eval.every_steps")
@@ -521,6 +564,11 @@ class Recipe(Section):
         if self.model.kernels == "liger" and not self.resources.use_gpu:
             raise ValueError("model.kernels: liger kernels need GPUs (resources.use_gpu)")
         return self
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Whether peft adapters train on a frozen base (and final/ holds the adapter)."""
+        return self.method in ADAPTER_METHODS
 
     @property
     def global_batch_size(self) -> int:

@@ -44,7 +44,7 @@ from launcher.losses import token_loss_sum  # noqa: F401  (the plain loss, used 
 from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.modeling import (
     DTYPES,
-    apply_lora,
+    apply_adapter,
     build_model,
     load_task_config,
     enable_gradient_checkpointing,
@@ -294,11 +294,11 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         apply_kernels(model, kernels)
         if recipe.model.gradient_checkpointing:
             enable_gradient_checkpointing(model, recipe.model.checkpoint_every)
-        if recipe.method != "lora":
+        if recipe.uses_adapter:
+            model = apply_adapter(model, recipe)
+        else:
             head = classification.head_module_names(model) if recipe.task != "causal_lm" else []
             apply_trainable(model, recipe.method, recipe.train.freeze, head)
-        if recipe.method == "lora":
-            model = apply_lora(model, recipe.lora, recipe.task)
         optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, steps))
         engine, *_ = deepspeed.initialize(
@@ -306,7 +306,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         )
     if recipe.model.compile:
         engine.compile()
-    lora = recipe.method == "lora"
+    lora = recipe.uses_adapter
     per_token = flops_per_token(model_shape(causal_lm(model)), recipe.data.max_length, lora)
     peak = device_peak_flops(rank.device, recipe.logging.peak_tflops, recipe.model.dtype)
 

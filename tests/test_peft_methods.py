@@ -1,0 +1,100 @@
+"""The peft family beyond plain LoRA: DoRA, rsLoRA and IA3 train, save, reload and reproduce
+the trained model's outputs; QLoRA is refused clearly where it cannot run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.test_classification_data import cls_recipe
+
+
+def probe_matches(run_dir, model):
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
+def train_torchrun(cli, tmp_path, recipe):
+    code, _, err = cli(write_recipe(tmp_path / "r.yaml", recipe), "--backend", "torchrun")
+    assert code == 0, err
+    return tmp_path / "run"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    ("method", "section", "flag"),
+    [
+        ("lora", {"lora": {"r": 8, "alpha": 16, "use_dora": True}}, ("use_dora", True)),
+        ("ia3", {}, ("peft_type", "IA3")),
+    ],
+    ids=["dora", "ia3"],
+)
+def test_causal_lm_adapters_reload_with_same_outputs(cli, tmp_path, method, section, flag):
+    from peft import AutoPeftModelForCausalLM
+
+    recipe = tiny_recipe(
+        tmp_path / "run", method=method, **section,
+        train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
+        resources={"num_workers": 2}, data={"validation": None},
+    )
+    run_dir = train_torchrun(cli, tmp_path, recipe)
+    adapter_config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
+    assert adapter_config[flag[0]] == flag[1]
+    probe_matches(run_dir, AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "final")).eval())
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert 0 < info["trainable_parameters"] < 10_000
+
+
+@pytest.mark.e2e
+def test_rslora_classifier_reloads_with_same_outputs(cli, tmp_path):
+    from peft import AutoPeftModelForSequenceClassification
+
+    recipe = cls_recipe(
+        tmp_path, method="lora", lora={"r": 8, "alpha": 16, "use_rslora": True},
+        labels={"names": ["negative", "positive"]},
+        train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
+        resources={"num_workers": 2},
+    )
+    run_dir = train_torchrun(cli, tmp_path, recipe)
+    final = run_dir / "final"
+    assert json.loads((final / "adapter_config.json").read_text())["use_rslora"] is True
+    assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
+    probe_matches(run_dir, AutoPeftModelForSequenceClassification.from_pretrained(str(final)).eval())
+
+
+QLORA = {"output_dir": "/tmp/x", "method": "lora", "model": {"name_or_path": "some/model", "quantization": "nf4"},
+         "data": {"train": "t.jsonl", "format": "text"}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"resources": {"use_gpu": False}}, "need GPUs"),
+        ({"method": "full"}, "use method: lora"),
+        ({"resources": {"use_gpu": True}, "deepspeed": {"config": "zero3"}}, "ZeRO-3"),
+    ],
+    ids=["cpu", "not-lora", "zero3"],
+)
+def test_qlora_refused_where_it_cannot_run(cli, tmp_path, changes, message):
+    recipe = {**QLORA, **changes}
+    code, _, err = cli("check", "--offline", write_recipe(tmp_path / "q.yaml", recipe))
+    assert code == 2 and "model.quantization" in err and message in err, err
+
+
+def test_ia3_section_only_with_ia3(tmp_path, cli):
+    recipe = tiny_recipe(tmp_path / "run", ia3={"target_modules": ["k_proj"]})
+    code, _, err = cli("check", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 2 and "ia3" in err
+
+
+def test_ia3_targets_must_match(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = tiny_recipe(tmp_path / "run", method="ia3", ia3={"target_modules": ["nope_proj"]})
+    code, _, err = cli("check", write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 2 and "ia3.target_modules" in err and "nope_proj" in err
