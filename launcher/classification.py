@@ -52,7 +52,8 @@ def infer_label_names(rows: Sequence[Row], fmt: str, fields: FieldNames) -> list
         names = sorted(seen, key=lambda v: (v != "O", v)) if fmt == "tagging" else sorted(seen)
     if len(names) < 2:
         raise UserInputError(
-            "labels.names", f"the training data holds fewer than two labels ({names}); set labels.names"
+            "labels.names",
+            f"the training data holds fewer than two labels ({names}); set labels.names",
         )
     return names
 
@@ -67,7 +68,8 @@ def label_index(value: Any, names: Sequence[str], key: str) -> int:
     try:
         return names.index(value)
     except ValueError:
-        raise RowError(f"label '{value}' in '{key}' is not in the label set {list(names)}") from None
+        known = list(names)
+        raise RowError(f"label '{value}' in '{key}' is not in the label set {known}") from None
 
 
 def required_names(labels: LabelsSection) -> list[str]:
@@ -179,8 +181,11 @@ def target_count(labels: torch.Tensor, problem_type: str) -> int:
 
 
 def model_logits(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's logits; token-level ones only at the input's positions (prompt tuning
+    prepends virtual tokens, whose outputs are no prediction)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return model(**inputs).logits
+    logits = model(**inputs).logits
+    return logits[:, -batch["input_ids"].shape[1] :] if logits.dim() == 3 else logits
 
 
 def batch_loss_sum(model: Any, batch: dict[str, Any], problem_type: str) -> torch.Tensor:

@@ -15,9 +15,15 @@ from typing import Any
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.errors import ExportError, UserInputError
 from launcher.classification import head_module_names
-from launcher.modeling import DTYPES, adapter_config, auto_model_class, load_task_config, load_tokenizer
+from launcher.errors import ExportError, UserInputError
+from launcher.modeling import (
+    DTYPES,
+    adapter_config,
+    auto_model_class,
+    load_task_config,
+    load_tokenizer,
+)
 from launcher.recipe import Recipe
 from launcher.rundir import load_resolved
 from launcher.worker import probe_ids
@@ -26,7 +32,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
-    """The checkpoint at ``step``; by default the best one (eval.early_stopping), else the newest."""
+    """The checkpoint at ``step``; by default the best one (eval.early_stopping), else the
+    newest."""
     done = ckpt.committed(run_dir)
     if step is None and ckpt.best_steps(run_dir):
         step = ckpt.best_steps(run_dir)[0]
@@ -51,7 +58,9 @@ def consolidated_state(chosen: ckpt.Candidate) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(chosen.path.parent), tag=chosen.path.name)
 
 
-def rebuild(recipe: Recipe, state: dict[str, torch.Tensor], pad_token_id: int) -> torch.nn.Module:
+def rebuild(
+    recipe: Recipe, state: dict[str, torch.Tensor], pad_token_id: int
+) -> torch.nn.Module:
     """The trained model in fp32 on CPU: an uninitialised skeleton, then the trained tensors."""
     from transformers.initialization import no_init_weights
 

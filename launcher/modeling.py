@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import IA3Section, LoraSection, ModelSection, Recipe
+from launcher.recipe import IA3Section, LoraSection, ModelSection, PromptSection, Recipe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_ATTENTION = {
@@ -239,10 +239,23 @@ def ia3_config(ia3: IA3Section, task: str = "causal_lm", head: list[str] | None 
     )
 
 
+def prompt_config(method: str, prompt: PromptSection, task: str, head: list[str]) -> Any:
+    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    kind = PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig
+    return kind(
+        task_type=TaskType[PEFT_TASK_TYPES[task]],
+        num_virtual_tokens=prompt.num_virtual_tokens,
+        modules_to_save=head or None,
+    )
+
+
 def adapter_config(recipe: Recipe, head: list[str]) -> Any:
-    """peft's config for the recipe's adapter method (lora or ia3)."""
+    """peft's config for the recipe's adapter method."""
     if recipe.method == "ia3":
         return ia3_config(recipe.ia3, recipe.task, head)
+    if recipe.method in ("prompt_tuning", "prefix_tuning"):
+        return prompt_config(recipe.method, recipe.prompt, recipe.task, head)
     return lora_config(recipe.lora, recipe.task, head)
 
 
@@ -263,6 +276,8 @@ def apply_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 def check_adapter_targets(model: torch.nn.Module, recipe: Recipe) -> None:
     if recipe.method == "lora":
         check_lora_targets(model, recipe.lora)
+        return
+    if recipe.method != "ia3":
         return
     targets = (recipe.ia3.target_modules or []) + (recipe.ia3.feedforward_modules or [])
     misses = lora_target_misses(model, targets)

@@ -135,6 +135,14 @@ class LoraSection(Section):
     )
 
 
+class PromptSection(Section):
+    num_virtual_tokens: PositiveInt = Field(
+        16,
+        description="Learned virtual tokens: prepended to the input embeddings (prompt_tuning) "
+        "or to every layer's keys and values (prefix_tuning).",
+    )
+
+
 class IA3Section(Section):
     target_modules: list[str] | None = Field(
         None,
@@ -275,7 +283,10 @@ class LabelsSection(Section):
         return 1 if self.problem_type == "regression" else len(self.names or ())
 
 
-ADAPTER_METHODS = ("lora", "ia3")
+ADAPTER_SECTIONS = {
+    "lora": "lora", "ia3": "ia3", "prompt_tuning": "prompt", "prefix_tuning": "prompt",
+}
+ADAPTER_METHODS = tuple(ADAPTER_SECTIONS)
 TASK_FORMATS = {
     "causal_lm": ("instruction", "chat", "text"),
     "sequence_classification": ("classification",),
@@ -478,14 +489,18 @@ class Recipe(Section):
         "sequence_classification: one label (or several, or a number) per text or text pair "
         "through a new classification head; token_classification: one tag per word (e.g. NER).",
     )
-    method: Literal["full", "lora", "ia3", "bitfit"] = Field(
-        description="full fine-tuning, LoRA adapters (also DoRA, rsLoRA, QLoRA), IA3 adapters "
-        "(learned rescaling of activations), or bitfit (train only the biases, and a new "
-        "classification head)."
+    method: Literal["full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"] = Field(
+        description="full fine-tuning; peft adapters on a frozen base: LoRA (also DoRA, rsLoRA, "
+        "QLoRA), IA3 (learned rescaling of activations), prompt_tuning (learned input "
+        "embeddings), prefix_tuning (learned keys and values in every layer); or bitfit (train "
+        "only the biases). A new classification head always trains in full."
     )
     model: ModelSection
     lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
     ia3: IA3Section | None = Field(None, description="IA3 settings (method: ia3 only).")
+    prompt: PromptSection | None = Field(
+        None, description="Virtual tokens of method: prompt_tuning or prefix_tuning."
+    )
     labels: LabelsSection | None = Field(
         None,
         description="Label set and problem type for sequence_classification and "
@@ -502,9 +517,9 @@ class Recipe(Section):
     @model_validator(mode="before")
     @classmethod
     def _default_lora(cls, data: Any) -> Any:
-        for method in ADAPTER_METHODS:
-            if isinstance(data, dict) and data.get("method") == method and data.get(method) is None:
-                data = {**data, method: {}}
+        for method, section in ADAPTER_SECTIONS.items():
+            if isinstance(data, dict) and data.get("method") == method and data.get(section) is None:
+                data = {**data, section: {}}
         classifies = isinstance(data, dict) and data.get("task") in (
             "sequence_classification", "token_classification"
         )
@@ -518,6 +533,8 @@ class Recipe(Section):
             raise ValueError("lora: the lora section is only allowed with method: lora")
         if self.ia3 is not None and self.method != "ia3":
             raise ValueError("ia3: the ia3 section is only allowed with method: ia3")
+        if self.prompt is not None and self.method not in ("prompt_tuning", "prefix_tuning"):
+            raise ValueError("prompt: only with method: prompt_tuning or prefix_tuning")
         if self.uses_adapter and self.train.freeze != FreezeSection():
             raise ValueError(f"train.freeze: with method: {self.method} only the adapter trains")
         if self.model.quantization != "none":

@@ -22,7 +22,9 @@ from launcher.recipe import LabelsSection
 Prediction = Any  # class probabilities, a number, or a list of tag indices
 
 
-def predictions(logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, problem: str) -> list[Prediction]:
+def predictions(
+    logits: torch.Tensor, batch: dict[str, torch.Tensor], task: str, problem: str
+) -> list[Prediction]:
     """One picklable prediction per example of a batch."""
     logits = logits.float().cpu()
     if task == "token_classification":
@@ -50,7 +52,8 @@ def evaluate(
     problem = labels.problem_type
     order = np.arange(len(split))[rank.rank :: rank.world]
     chunks = [order[i : i + micro] for i in range(0, len(order), micro)]
-    steps = int(all_reduce(torch.tensor(len(chunks), device=rank.device), torch.distributed.ReduceOp.MAX))
+    longest = torch.tensor(len(chunks), device=rank.device)
+    steps = int(all_reduce(longest, torch.distributed.ReduceOp.MAX))
     steps = min(steps, max_batches or steps)
     totals = torch.zeros(2, dtype=torch.float64, device=rank.device)
     mine: list[tuple[int, Prediction]] = []
@@ -79,7 +82,9 @@ def evaluate(
     return {"eval_loss": loss_sum / max(count, 1), **metrics}
 
 
-def merge_predictions(per_rank: Sequence[Sequence[tuple[int, Prediction]]]) -> dict[int, Prediction]:
+def merge_predictions(
+    per_rank: Sequence[Sequence[tuple[int, Prediction]]],
+) -> dict[int, Prediction]:
     """Predictions by example index, in index order; an index predicted twice is a bug."""
     merged: dict[int, Prediction] = {}
     for pairs in per_rank:
@@ -94,7 +99,9 @@ def gold_tags(split: TokenizedSplit, indices: Sequence[int]) -> list[list[int]]:
     return [[int(t) for t in split.example(i)[1] if t != IGNORE_INDEX] for i in indices]
 
 
-def sequence_metrics(gold: np.ndarray, scores: Sequence[Prediction], problem: str) -> dict[str, float]:
+def sequence_metrics(
+    gold: np.ndarray, scores: Sequence[Prediction], problem: str
+) -> dict[str, float]:
     """Sequence classification metrics from gold targets and predicted scores."""
     from sklearn import metrics as m
 
@@ -113,7 +120,8 @@ def sequence_metrics(gold: np.ndarray, scores: Sequence[Prediction], problem: st
         pred = (probs > 0.5).astype(int)
         p, r, f, _ = m.precision_recall_fscore_support(gold, pred, average="micro", zero_division=0)
         return {
-            "eval_accuracy": float(m.accuracy_score(gold, pred)),  # every label of the example right
+            # subset accuracy: every label of the example right
+            "eval_accuracy": float(m.accuracy_score(gold, pred)),
             "eval_precision": float(p), "eval_recall": float(r), "eval_f1": float(f),
             "eval_f1_macro": float(m.f1_score(gold, pred, average="macro", zero_division=0)),
         }

@@ -40,7 +40,7 @@ from launcher.ds_config import offloads_optimizer, zero_stage
 from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.kernels import apply_kernels, plan_kernels
 from launcher.losses import LossConfig, causal_lm, model_loss_sum
-from launcher.losses import token_loss_sum  # noqa: F401  (the plain loss, used by the parity test)
+from launcher.losses import token_loss_sum
 from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.modeling import (
     DTYPES,
@@ -164,7 +164,17 @@ class Objective:
     targets: Callable[[dict[str, torch.Tensor]], int]
 
 
+def prompt_tuned_loss(engine: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Next-token loss under prompt tuning, which prepends virtual tokens to the input: taken
+    from full logits on the real positions only (the hidden-state losses assume none)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = engine(**inputs, use_cache=False).logits
+    return token_loss_sum(logits[:, -batch["input_ids"].shape[1] :], batch["labels"])
+
+
 def objective_for(recipe: Recipe, loss: LossConfig) -> Objective:
+    if recipe.task == "causal_lm" and recipe.method == "prompt_tuning":
+        return Objective(prompt_tuned_loss, target_count)
     if recipe.task == "causal_lm":
         return Objective(lambda engine, batch: forward_loss(engine, batch, loss), target_count)
     problem = recipe.labels.problem_type
@@ -178,7 +188,8 @@ def objective_for(recipe: Recipe, loss: LossConfig) -> Objective:
 
 
 def evaluate(
-    engine: Any, batches: Batches, rank: Rank, micro: int, max_batches: int | None
+    engine: Any, batches: Batches, rank: Rank, micro: int, max_batches: int | None,
+    loss_sum: Callable[[Any, dict[str, Any]], torch.Tensor] = forward_loss,
 ) -> dict[str, float]:
     """Loss over the whole validation split, every example counted exactly once."""
     order = np.arange(batches.units())[rank.rank :: rank.world]
@@ -194,7 +205,7 @@ def evaluate(
             else:  # keep ZeRO-3 collectives in step on ranks with fewer batches
                 batch = batches.make(order[:1] if len(order) else np.array([0]), rank.device)
                 batch["labels"].fill_(IGNORE_INDEX)
-            totals[0] += forward_loss(engine, batch).double()
+            totals[0] += loss_sum(engine, batch).double()
             totals[1] += target_count(batch)
     engine.train()
     loss_sum, count = all_reduce(totals).tolist()
@@ -424,7 +435,10 @@ def run_eval(
             engine, lambda ix: batches.make(ix, rank.device), split, rank,
             recipe.train.micro_batch_size, recipe.eval.max_batches, recipe.task, recipe.labels,
         )
-    metrics = evaluate(engine, batches, rank, recipe.train.micro_batch_size, recipe.eval.max_batches)
+    loss_sum = prompt_tuned_loss if recipe.method == "prompt_tuning" else forward_loss
+    metrics = evaluate(
+        engine, batches, rank, recipe.train.micro_batch_size, recipe.eval.max_batches, loss_sum
+    )
     em = recipe.eval.exact_match
     if em is not None:
         metrics["eval_exact_match"] = exact_match(

@@ -1,5 +1,5 @@
-"""The peft family beyond plain LoRA: DoRA, rsLoRA and IA3 train, save, reload and reproduce
-the trained model's outputs; QLoRA is refused clearly where it cannot run."""
+"""The peft family beyond plain LoRA: DoRA, rsLoRA, IA3, prompt and prefix tuning train, save,
+reload and reproduce the trained model's outputs; QLoRA is refused clearly where it cannot run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from launcher.metrics import read_metrics
+from tests.conftest import DATA, ROOT, tiny_recipe, write_recipe
 from tests.test_classification_data import cls_recipe
 
 
@@ -32,8 +33,10 @@ def train_torchrun(cli, tmp_path, recipe):
     [
         ("lora", {"lora": {"r": 8, "alpha": 16, "use_dora": True}}, ("use_dora", True)),
         ("ia3", {}, ("peft_type", "IA3")),
+        ("prompt_tuning", {"prompt": {"num_virtual_tokens": 4}}, ("peft_type", "PROMPT_TUNING")),
+        ("prefix_tuning", {"prompt": {"num_virtual_tokens": 4}}, ("peft_type", "PREFIX_TUNING")),
     ],
-    ids=["dora", "ia3"],
+    ids=["dora", "ia3", "prompt", "prefix"],
 )
 def test_causal_lm_adapters_reload_with_same_outputs(cli, tmp_path, method, section, flag):
     from peft import AutoPeftModelForCausalLM
@@ -41,9 +44,11 @@ def test_causal_lm_adapters_reload_with_same_outputs(cli, tmp_path, method, sect
     recipe = tiny_recipe(
         tmp_path / "run", method=method, **section,
         train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
-        resources={"num_workers": 2}, data={"validation": None},
+        resources={"num_workers": 2}, eval={"max_batches": 2},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    assert evals and evals[-1]["eval_loss"] < 10  # a real loss on real positions
     adapter_config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert adapter_config[flag[0]] == flag[1]
     probe_matches(run_dir, AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "final")).eval())
@@ -66,6 +71,26 @@ def test_rslora_classifier_reloads_with_same_outputs(cli, tmp_path):
     assert json.loads((final / "adapter_config.json").read_text())["use_rslora"] is True
     assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
     probe_matches(run_dir, AutoPeftModelForSequenceClassification.from_pretrained(str(final)).eval())
+
+
+@pytest.mark.e2e
+def test_prompt_tuned_tagger_reloads_with_same_outputs(cli, tmp_path):
+    from peft import AutoPeftModelForTokenClassification
+
+    recipe = cls_recipe(
+        tmp_path, task="token_classification", method="prompt_tuning",
+        prompt={"num_virtual_tokens": 4},
+        data={"train": str(DATA / "ner_train.jsonl"), "validation": str(DATA / "ner_val.jsonl"),
+              "fields": {}},
+        train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
+        resources={"num_workers": 2},
+    )
+    run_dir = train_torchrun(cli, tmp_path, recipe)
+    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_f1" in r][-1]
+    assert 0 <= last["eval_f1"] <= 1 and last["eval_accuracy"] > 0
+    final = run_dir / "final"
+    assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
+    probe_matches(run_dir, AutoPeftModelForTokenClassification.from_pretrained(str(final)).eval())
 
 
 QLORA = {"output_dir": "/tmp/x", "method": "lora", "model": {"name_or_path": "some/model", "quantization": "nf4"},

@@ -14,7 +14,7 @@ from launcher.errors import UserInputError
 from launcher.metrics import read_metrics
 from launcher.recipe import EarlyStoppingSection, FreezeSection, TrainSection
 from launcher.trainable import apply_trainable, optimizer_groups
-from tests.conftest import DATA, ROOT
+from tests.conftest import ROOT
 from tests.test_classification_data import TINY_BERT
 
 
