@@ -16,6 +16,7 @@ import torch
 from launcher.classification import head_module_names, infer_label_names
 from launcher.data import PreparedData, pack_examples, prepare_data, read_rows
 from launcher.ds_config import resolve_ds_config, zero_stage
+from launcher.distill import check_teacher
 from launcher.early_stop import reported_metrics
 from launcher.errors import UserInputError
 from launcher.kernels import plan_kernels
@@ -76,11 +77,15 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
         }
     )
     deepspeed = recipe.deepspeed.model_copy(update={"config": _absolute(recipe.deepspeed.config)})
+    distill = recipe.distill and recipe.distill.model_copy(
+        update={"teacher": _absolute(recipe.distill.teacher)}
+    )
     return recipe.model_copy(
         update={
             "model": model,
             "data": data,
             "deepspeed": deepspeed,
+            "distill": distill,
             "output_dir": str(Path(recipe.output_dir).expanduser().resolve()),
         }
     )
@@ -167,6 +172,8 @@ def prepare(recipe: Recipe) -> Prepared:
     tokenizer = load_tokenizer(recipe.model)
     recipe = with_label_names(recipe)
     check_early_stopping(recipe)
+    if recipe.distill is not None:
+        check_teacher(recipe, config)
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed, recipe.labels)
     units = (
         len(pack_examples(data.train.lengths(), recipe.data.max_length))

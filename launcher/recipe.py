@@ -135,6 +135,22 @@ class LoraSection(Section):
     )
 
 
+class DistillSection(Section):
+    teacher: str = Field(
+        description="The teacher: a directory (e.g. a previous run's final/) or hub id of a "
+        "model for the same task, with the student's tokenizer (and label set)."
+    )
+    alpha: float = Field(
+        0.5, ge=0, le=1,
+        description="Weight of the hard-label cross-entropy; 1 - alpha weighs the KL divergence "
+        "to the teacher's softened predictions.",
+    )
+    temperature: float = Field(
+        2.0, gt=0, description="Softening temperature T of both distributions (the KL term is "
+        "scaled by T^2)."
+    )
+
+
 class PromptSection(Section):
     num_virtual_tokens: PositiveInt = Field(
         16,
@@ -489,17 +505,23 @@ class Recipe(Section):
         "sequence_classification: one label (or several, or a number) per text or text pair "
         "through a new classification head; token_classification: one tag per word (e.g. NER).",
     )
-    method: Literal["full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit"] = Field(
+    method: Literal[
+        "full", "lora", "ia3", "prompt_tuning", "prefix_tuning", "bitfit", "distill"
+    ] = Field(
         description="full fine-tuning; peft adapters on a frozen base: LoRA (also DoRA, rsLoRA, "
         "QLoRA), IA3 (learned rescaling of activations), prompt_tuning (learned input "
         "embeddings), prefix_tuning (learned keys and values in every layer); or bitfit (train "
-        "only the biases). A new classification head always trains in full."
+        "only the biases); or distill (train the whole student on a frozen teacher's "
+        "softened predictions, see distill). A new classification head always trains in full."
     )
     model: ModelSection
     lora: LoraSection | None = Field(None, description="LoRA settings (method: lora only).")
     ia3: IA3Section | None = Field(None, description="IA3 settings (method: ia3 only).")
     prompt: PromptSection | None = Field(
         None, description="Virtual tokens of method: prompt_tuning or prefix_tuning."
+    )
+    distill: DistillSection | None = Field(
+        None, description="Teacher and loss weights of method: distill."
     )
     labels: LabelsSection | None = Field(
         None,
@@ -535,6 +557,10 @@ class Recipe(Section):
             raise ValueError("ia3: the ia3 section is only allowed with method: ia3")
         if self.prompt is not None and self.method not in ("prompt_tuning", "prefix_tuning"):
             raise ValueError("prompt: only with method: prompt_tuning or prefix_tuning")
+        if (self.distill is not None) != (self.method == "distill"):
+            raise ValueError("distill: method: distill needs a distill section (and only it)")
+        if self.method == "distill" and self.labels and self.labels.problem_type != "single_label":
+            raise ValueError("labels.problem_type: distillation needs single_label classes")
         if self.uses_adapter and self.train.freeze != FreezeSection():
             raise ValueError(f"train.freeze: with method: {self.method} only the adapter trains")
         if self.model.quantization != "none":

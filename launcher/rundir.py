@@ -26,6 +26,7 @@ def material(recipe: Recipe) -> dict[str, Any]:
     return {
         "task": dump["task"], "method": dump["method"], "model": dump["model"],
         "lora": dump["lora"], "labels": dump.get("labels"), "data": data, "train": train,
+        **{k: dump.get(k) for k in ("ia3", "prompt", "distill")},
         "global_batch_size": recipe.global_batch_size,
     }
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint as ckpt
-from launcher import classification, early_stop, engine_state, task_eval
+from launcher import classification, distill, early_stop, engine_state, task_eval
 from launcher.data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -172,7 +172,19 @@ def prompt_tuned_loss(engine: Any, batch: dict[str, Any]) -> torch.Tensor:
     return token_loss_sum(logits[:, -batch["input_ids"].shape[1] :], batch["labels"])
 
 
-def objective_for(recipe: Recipe, loss: LossConfig) -> Objective:
+def objective_for(
+    recipe: Recipe, loss: LossConfig, teacher: torch.nn.Module | None = None
+) -> Objective:
+    if teacher is not None:
+        count = target_count if recipe.task == "causal_lm" else (
+            lambda batch: classification.target_count(batch["labels"], "single_label")
+        )
+        return Objective(
+            lambda engine, batch: distill.batch_distill_loss(
+                engine, teacher, batch, recipe.task, recipe.distill
+            ),
+            count,
+        )
     if recipe.task == "causal_lm" and recipe.method == "prompt_tuning":
         return Objective(prompt_tuned_loss, target_count)
     if recipe.task == "causal_lm":
@@ -347,7 +359,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         if sink:
             sink.write({"step": 0} | initial)
     scale = train.grad_accum * rank.world
-    objective = objective_for(recipe, kernels.loss)
+    teacher = distill.load_teacher(recipe, rank.device, dtype) if recipe.distill else None
+    objective = objective_for(recipe, kernels.loss, teacher)
     saves = engine_state.SaveSchedule(recipe.checkpoint, steps)
     stopping = recipe.eval.early_stopping
     history = eval_history(run_dir, stopping, start, rank)
