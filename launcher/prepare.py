@@ -15,8 +15,8 @@ import torch
 
 from launcher.classification import head_module_names, infer_label_names
 from launcher.data import PreparedData, pack_examples, prepare_data, read_rows
-from launcher.ds_config import resolve_ds_config, zero_stage
 from launcher.distill import check_teacher
+from launcher.ds_config import resolve_ds_config, zero_stage
 from launcher.early_stop import reported_metrics
 from launcher.errors import UserInputError
 from launcher.kernels import plan_kernels

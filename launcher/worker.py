@@ -37,22 +37,21 @@ from launcher.data import (
     total_steps,
 )
 from launcher.ds_config import offloads_optimizer, zero_stage
+from launcher.faults import fault_point
 from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.kernels import apply_kernels, plan_kernels
-from launcher.losses import LossConfig, causal_lm, model_loss_sum
-from launcher.losses import token_loss_sum
+from launcher.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
 from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.modeling import (
     DTYPES,
     apply_adapter,
     build_model,
-    load_task_config,
     enable_gradient_checkpointing,
+    load_task_config,
     load_tokenizer,
     resolve_attention,
     zero3_init_context,
 )
-from launcher.faults import fault_point
 from launcher.ranks import Rank, all_reduce, current_rank, gather
 from launcher.recipe import EarlyStoppingSection, Recipe, TrainSection
 from launcher.schedule import lr_lambda
