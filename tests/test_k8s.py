@@ -652,7 +652,9 @@ BAD_INPUT: dict[str, tuple[dict[str, Any], list[str], str]] = {
     "bad-pvc": ({}, ["--pvc", "my_claim"], "--pvc"),
     "bad-secret-spec": ({}, ["--secret", "HF_TOKEN"], "--secret"),
     "bad-secret-name": ({}, ["--secret", "HF_TOKEN=Hf_Token/token"], "--secret"),
-    "secret-shadows-env": ({"env": {"HF_TOKEN": "x"}}, ["--secret"], "--secret"),
+    "secret-shadows-env": (
+        {"env": {"HF_ENDPOINT": "x"}}, ["--secret", "HF_ENDPOINT=hf-endpoint/url"], "--secret"
+    ),
     "nccl-env-shadows-env": (
         {"env": {"NCCL_DEBUG": "INFO"}}, ["--nccl-env", "NCCL_DEBUG=WARN"], "--nccl-env"
     ),
