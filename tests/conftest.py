@@ -72,3 +72,18 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
+
+
+def train_recipe(name: str, run_dir: Path, *overrides: str, backend: str = "ray") -> Path:
+    """Train the shipped ``recipes/cpu/NAME.yaml`` into ``run_dir`` through the real CLI."""
+    from launcher.cli import main
+
+    args = [str(ROOT / "recipes" / "cpu" / f"{name}.yaml"), "--output-dir", str(run_dir),
+            "--no-progress", "--backend", backend]
+    for override in overrides:
+        args += ["--set", override]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(ROOT)
+        mp.setenv("FTLAUNCH_CACHE", str(run_dir.parent / "cache"))
+        assert main(args) == 0
+    return run_dir

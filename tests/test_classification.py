@@ -17,23 +17,9 @@ from launcher.data import collate_padded, prepare_data
 from launcher.metrics import read_metrics
 from launcher.modeling import load_tokenizer
 from launcher.rundir import load_resolved
-from tests.conftest import ROOT
+from tests.conftest import train_recipe
 
 pytestmark = pytest.mark.e2e
-
-
-def train_recipe(name: str, run_dir, *overrides: str, backend: str = "ray"):
-    from launcher.cli import main
-
-    args = [str(ROOT / "recipes" / "cpu" / f"{name}.yaml"), "--output-dir", str(run_dir),
-            "--no-progress", "--backend", backend]
-    for o in overrides:
-        args += ["--set", o]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        mp.setenv("FTLAUNCH_CACHE", str(run_dir.parent / "cache"))
-        assert main(args) == 0
-    return run_dir
 
 
 def evals(run_dir):

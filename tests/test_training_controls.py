@@ -14,7 +14,7 @@ from launcher.errors import UserInputError
 from launcher.metrics import read_metrics
 from launcher.recipe import EarlyStoppingSection, FreezeSection, TrainSection
 from launcher.trainable import apply_trainable, optimizer_groups
-from tests.conftest import ROOT
+from tests.conftest import train_recipe
 from tests.test_classification_data import TINY_BERT
 
 
@@ -109,17 +109,7 @@ def test_discriminative_learning_rates(bert):
 
 
 def train_sentiment(run_dir, *overrides):
-    from launcher.cli import main
-
-    args = [str(ROOT / "recipes" / "cpu" / "sentiment_bert.yaml"), "--output-dir", str(run_dir),
-            "--no-progress", "--backend", "torchrun"]
-    for o in overrides:
-        args += ["--set", o]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(ROOT)
-        mp.setenv("FTLAUNCH_CACHE", str(run_dir.parent / "cache"))
-        assert main(args) == 0
-    return run_dir
+    return train_recipe("sentiment_bert", run_dir, *overrides, backend="torchrun")
 
 
 @pytest.mark.e2e
