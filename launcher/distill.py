@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.data import IGNORE_INDEX
+from launcher.ds_config import zero_stage
 from launcher.errors import UserInputError
 from launcher.recipe import DistillSection, Recipe
 
@@ -60,13 +61,47 @@ def batch_distill_loss(
     return distill_loss_sum(s, t, labels, cfg.alpha, cfg.temperature)
 
 
-def load_teacher(recipe: Recipe, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The frozen teacher, whole on this rank (it is not trained, so ZeRO does not shard it)."""
-    from launcher.modeling import auto_model_class
+def load_teacher(
+    recipe: Recipe, ds_config: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The frozen teacher. Under ZeRO-3 it is partitioned across ranks like the student (built
+    under zero.Init, wrapped in a DeepSpeed engine without an optimizer, whose forward gathers
+    each layer's weights in turn). ZeRO-1/2 shard only optimizer state and gradients, which a
+    teacher has none of, so there each rank holds it whole."""
+    from launcher.modeling import auto_model_class, zero3_init_context
 
-    teacher = auto_model_class(recipe.task).from_pretrained(recipe.distill.teacher, dtype=dtype)
-    teacher.requires_grad_(False)
-    return teacher.to(device).eval()
+    stage3 = zero_stage(ds_config) == 3
+    config = teacher_ds_config(ds_config) if stage3 else {}
+    with zero3_init_context(config):
+        teacher = auto_model_class(recipe.task).from_pretrained(recipe.distill.teacher, dtype=dtype)
+        teacher.requires_grad_(False)
+        if not stage3:
+            return teacher.to(device).eval()
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+def teacher_ds_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """The student's ZeRO-3 settings minus everything about optimisation."""
+    config = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    zero = dict(config["zero_optimization"])
+    zero.pop("offload_optimizer", None)
+    return config | {"zero_optimization": zero}
+
+
+def held_parameters(teacher: torch.nn.Module) -> dict[str, int]:
+    """How many of the teacher's parameters this rank keeps in memory, of how many. Under
+    ZeRO-3 that is its partition plus any small parameter DeepSpeed keeps whole everywhere
+    (stage3_param_persistence_threshold)."""
+    held = total = 0
+    for p in teacher.parameters():
+        partition = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else 0
+        held += partition + p.data.numel()
+        total += getattr(p, "ds_numel", p.numel())
+    return {"held_by_rank0": held, "total": total}
 
 
 def check_teacher(recipe: Recipe, student_config: Any) -> None:

@@ -332,6 +332,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     per_token = flops_per_token(model_shape(causal_lm(model)), recipe.data.max_length, lora)
     peak = device_peak_flops(rank.device, recipe.logging.peak_tflops, recipe.model.dtype)
 
+    teacher = distill.load_teacher(recipe, ds_config, rank.device, dtype) if recipe.distill else None
     start = engine_state.restore(engine, resume_point, rank)
     engine_state.record_attempt(run_dir, start, resume_point, rank)
     sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
@@ -343,6 +344,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             "flops_per_token": per_token, "peak_flops": peak,
             "packed_rows": len(packed) if packed else None,
             "trainable_parameters": trainable,
+            "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
             "data": {k: v.__dict__ for k, v in data.stats.items()},
         }
         (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
@@ -358,7 +360,6 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         if sink:
             sink.write({"step": 0} | initial)
     scale = train.grad_accum * rank.world
-    teacher = distill.load_teacher(recipe, rank.device, dtype) if recipe.distill else None
     objective = objective_for(recipe, kernels.loss, teacher)
     saves = engine_state.SaveSchedule(recipe.checkpoint, steps)
     stopping = recipe.eval.early_stopping

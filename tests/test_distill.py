@@ -3,6 +3,7 @@ its teacher."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -102,7 +103,7 @@ def test_student_moves_towards_the_teacher(tmp_path):
 
 
 @pytest.mark.e2e
-def test_causal_lm_student_runs_and_its_loss_falls(tmp_path, cli):
+def test_causal_lm_student_learns_from_a_teacher_sharded_by_zero3(tmp_path, cli):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = dict(TINY_LLAMA)
@@ -113,10 +114,14 @@ def test_causal_lm_student_runs_and_its_loss_falls(tmp_path, cli):
         tmp_path / "run", method="distill",
         distill={"teacher": str(tmp_path / "teacher"), "alpha": 0.0, "temperature": 1.0},
         train={"max_steps": 12, "micro_batch_size": 8, "lr": 3e-3},
-        resources={"num_workers": 2}, data={"validation": None},
+        resources={"num_workers": 2}, data={"validation": None}, deepspeed={"config": "zero3"},
     )
     code, _, err = cli(write_recipe(tmp_path / "r.yaml", recipe), "--backend", "torchrun")
     assert code == 0, err
     losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
     assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.7 * losses[0], losses
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    teacher_share = json.loads((tmp_path / "run" / "run_info.json").read_text())["teacher_parameters"]
+    assert teacher_share["total"] == sum(p.numel() for p in teacher.parameters())
+    half = teacher_share["total"] / 2  # two ranks; norms stay whole (persistence threshold)
+    assert half <= teacher_share["held_by_rank0"] < 1.1 * half, teacher_share
