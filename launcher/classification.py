@@ -192,6 +192,19 @@ def batch_loss_sum(model: Any, batch: dict[str, Any], problem_type: str) -> torc
     return loss_sum(model_logits(model, batch), batch["labels"], problem_type)
 
 
+def pads_left(task: str, method: str, model_type: str) -> bool:
+    """Whether batches pad on the left. A decoder classifier scores its last non-padding token,
+    which it finds from input_ids; under prompt tuning peft gives it embeddings (the virtual
+    tokens prepended) instead, so it scores the last position, which must then be a real token.
+    Encoders (architectures with a masked-LM head) pool the first position and keep right
+    padding, as their absolute position embeddings need."""
+    if task != "sequence_classification" or method != "prompt_tuning":
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+
 def head_module_names(model: torch.nn.Module) -> list[str]:
     """The task head's top-level modules (``classifier`` for BERT, ``score`` for Llama): the
     children with parameters that are not the pretrained body."""

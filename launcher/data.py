@@ -536,9 +536,10 @@ def total_steps(plan: StepPlan, max_steps: int | None, epochs: float) -> int:
 
 
 def collate_padded(
-    split: TokenizedSplit, indices: Sequence[int], pad_id: int
+    split: TokenizedSplit, indices: Sequence[int], pad_id: int, pad_left: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss.
+    """Pad to the longest example (on the right unless ``pad_left``); padding is masked out of
+    attention and loss.
 
     With per-example targets (sequence classification) those are the batch's labels."""
     examples = [split.example(int(i)) for i in indices]
@@ -546,18 +547,19 @@ def collate_padded(
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
+    types = torch.zeros((len(examples), width), dtype=torch.long)
     for row, (ids, labs) in enumerate(examples):
-        input_ids[row, : len(ids)] = torch.from_numpy(ids.astype(np.int64))
-        labels[row, : len(ids)] = torch.from_numpy(labs.astype(np.int64))
-        attention[row, : len(ids)] = 1
+        at = slice(width - len(ids), width) if pad_left else slice(0, len(ids))
+        input_ids[row, at] = torch.from_numpy(ids.astype(np.int64))
+        labels[row, at] = torch.from_numpy(labs.astype(np.int64))
+        attention[row, at] = 1
+        if split.token_type_ids is not None:
+            lo, hi = split.offsets[int(indices[row])], split.offsets[int(indices[row]) + 1]
+            types[row, at] = torch.from_numpy(split.token_type_ids[lo:hi].astype(np.int64))
     batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
     if split.targets is not None:
         batch["labels"] = torch.from_numpy(split.targets[np.asarray(indices, dtype=np.int64)])
     if split.token_type_ids is not None:
-        types = torch.zeros((len(examples), width), dtype=torch.long)
-        for row, i in enumerate(indices):
-            lo, hi = split.offsets[int(i)], split.offsets[int(i) + 1]
-            types[row, : hi - lo] = torch.from_numpy(split.token_type_ids[lo:hi].astype(np.int64))
         batch["token_type_ids"] = types
     return batch
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from launcher import checkpoint as ckpt
-from launcher.classification import head_module_names
+from launcher.classification import head_module_names, pads_left
 from launcher.errors import ExportError, UserInputError
 from launcher.modeling import (
     DTYPES,
@@ -114,6 +114,8 @@ def export_run(
             model = model.merge_and_unload()
         expected = _logits(model.to(dtype), probe)
         _save(model, recipe, staging, merge_lora, final_dir=out)
+        if pads_left(recipe.task, recipe.method, model.config.model_type):
+            tokenizer = load_tokenizer(recipe.model, padding_side="left")  # as training padded
         tokenizer.save_pretrained(str(staging))
         got = _logits(load_exported(staging, dtype, recipe.task), probe)
         _compare(got, expected, dtype, "reloaded export vs checkpoint")

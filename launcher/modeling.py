@@ -62,7 +62,8 @@ def resolve_attention(requested: str, on_gpu: bool) -> str:
     return HF_ATTENTION[requested]
 
 
-def load_tokenizer(cfg: ModelSection) -> Any:
+def load_tokenizer(cfg: ModelSection, padding_side: str | None = None) -> Any:
+    """The recipe's tokenizer; a ``padding_side`` given here is saved with it."""
     from transformers import AutoTokenizer
 
     source = cfg.tokenizer or cfg.name_or_path
@@ -71,6 +72,7 @@ def load_tokenizer(cfg: ModelSection) -> Any:
             source,
             revision=cfg.revision if source == cfg.name_or_path else None,
             trust_remote_code=cfg.trust_remote_code,
+            **({"padding_side": padding_side} if padding_side else {}),
         )
     except (OSError, ValueError) as e:
         raise UserInputError("model.tokenizer", f"cannot load tokenizer '{source}': {e}") from None

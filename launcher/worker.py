@@ -114,6 +114,7 @@ class Batches:
     pad_id: int
     dtype: torch.dtype
     attention: str
+    pad_left: bool = False
 
     def units(self) -> int:
         return len(self.packed) if self.packed else len(self.split)
@@ -124,7 +125,7 @@ class Batches:
         holds two or more examples. Otherwise padding only trails each row's one example, and
         plain causal attention (the fast path) is exact for every real token."""
         if self.packed is None:
-            batch = collate_padded(self.split, indices, self.pad_id)
+            batch = collate_padded(self.split, indices, self.pad_id, self.pad_left)
         else:
             batch = collate_packed(self.split, self.packed, indices, self.pad_id)
             segments = batch.pop("segment_ids")
@@ -291,9 +292,11 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     dtype = DTYPES[recipe.model.dtype]
     packed = pack_examples(data.train.lengths(), recipe.data.max_length) if recipe.data.packing else None
-    batches = Batches(data.train, packed, tokenizer.pad_token_id, dtype, attention)
+    config = load_task_config(recipe, tokenizer.pad_token_id)
+    left = classification.pads_left(recipe.task, recipe.method, config.model_type)
+    batches = Batches(data.train, packed, tokenizer.pad_token_id, dtype, attention, left)
     val_batches = (
-        Batches(data.validation, None, tokenizer.pad_token_id, dtype, attention)
+        Batches(data.validation, None, tokenizer.pad_token_id, dtype, attention, left)
         if data.validation is not None
         else None
     )
@@ -307,7 +310,6 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     ds_config = engine_state.config_for(ds_config, resume_point)
     torch.manual_seed(train.seed)
     with zero3_init_context(ds_config):
-        config = load_task_config(recipe, tokenizer.pad_token_id)
         model = build_model(recipe.model, config, attention, recipe.task)
         kernels = plan_kernels(
             recipe.model, recipe.lora, model.config.model_type, recipe.resources.use_gpu,

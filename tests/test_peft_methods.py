@@ -3,14 +3,16 @@ reload and reproduce the trained model's outputs; QLoRA is refused clearly where
 
 from __future__ import annotations
 
+import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from launcher.metrics import read_metrics
-from tests.conftest import DATA, ROOT, tiny_recipe, write_recipe
+from tests.conftest import DATA, ROOT, TINY_LLAMA, tiny_recipe, write_recipe
 from tests.test_classification_data import cls_recipe
 
 
@@ -91,6 +93,67 @@ def test_prompt_tuned_tagger_reloads_with_same_outputs(cli, tmp_path):
     final = run_dir / "final"
     assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
     probe_matches(run_dir, AutoPeftModelForTokenClassification.from_pretrained(str(final)).eval())
+
+
+def llama_prompt_classifier(tmp_path):
+    return cls_recipe(
+        tmp_path, method="prompt_tuning", prompt={"num_virtual_tokens": 4},
+        model={"architecture": TINY_LLAMA, "tokenizer": str(DATA / "tokenizer")},
+        labels={"names": ["negative", "positive"]},
+    )
+
+
+@pytest.mark.parametrize(("pad_left", "agrees"), [(True, True), (False, False)])
+def test_prompt_tuned_decoder_classifier_pads_left(tmp_path, pad_left, agrees):
+    """A decoder classifier under prompt tuning scores the last position: batched with left
+    padding it gives each example what it gives it alone; with right padding it does not."""
+    from launcher.classification import model_logits, pads_left
+    from launcher.data import prepare_data
+    from launcher.modeling import apply_adapter, build_model, load_task_config, load_tokenizer
+    from launcher.recipe import Recipe
+    from launcher.worker import Batches
+
+    recipe = Recipe.model_validate(llama_prompt_classifier(tmp_path))
+    assert pads_left(recipe.task, recipe.method, "llama") and not pads_left(recipe.task, recipe.method, "bert")
+    tokenizer = load_tokenizer(recipe.model)
+    config = load_task_config(recipe, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = apply_adapter(build_model(recipe.model, config, "sdpa", recipe.task), recipe).eval()
+    split = prepare_data(recipe.data, tokenizer, 0, recipe.labels).validation
+    batches = Batches(split, None, tokenizer.pad_token_id, torch.float32, "sdpa", pad_left)
+    rows = np.arange(16)
+    assert len(set(split.lengths()[rows].tolist())) > 3  # real padding in the batch
+    with torch.no_grad():
+        together = model_logits(model, batches.make(rows, torch.device("cpu")))
+        alone = torch.cat([model_logits(model, batches.make(rows[i : i + 1], torch.device("cpu")))
+                           for i in range(len(rows))])
+    assert torch.allclose(together, alone, atol=1e-3) == agrees, (together - alone).abs().max()
+
+
+@pytest.mark.e2e
+def test_prompt_tuned_decoder_classifier_export_predicts_as_evaluated(cli, tmp_path):
+    """The export pads as training did, so batched inference with its tokenizer reproduces the
+    validation accuracy the run logged."""
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    recipe = llama_prompt_classifier(tmp_path)
+    recipe["train"] = {"max_steps": 30, "micro_batch_size": 8, "lr": 3e-2}
+    recipe["resources"]["num_workers"] = 2
+    run_dir = train_torchrun(cli, tmp_path, recipe)
+    logged = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_accuracy" in r][-1]
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    assert tokenizer.padding_side == "left"
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(run_dir / "final")).eval()
+    sentences = [r["sentence"] for r in csv.DictReader((DATA / "sentiment_val.csv").open())]
+    labels = [int(r["label"]) for r in csv.DictReader((DATA / "sentiment_val.csv").open())]
+    with torch.no_grad():
+        batched = model(**tokenizer(sentences, padding=True, return_tensors="pt")).logits.argmax(-1)
+        alone = [model(**tokenizer(s, return_tensors="pt")).logits.argmax(-1).item() for s in sentences]
+    assert batched.tolist() == alone
+    assert 0 < sum(alone) < len(alone)  # not one class for everything
+    accuracy = sum(p == y for p, y in zip(alone, labels)) / len(labels)
+    assert accuracy == pytest.approx(logged["eval_accuracy"], abs=1e-9), (accuracy, logged)
 
 
 QLORA = {"output_dir": "/tmp/x", "method": "lora", "model": {"name_or_path": "some/model", "quantization": "nf4"},
