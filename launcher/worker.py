@@ -26,6 +26,7 @@ from launcher import classification, distill, early_stop, engine_state, task_eva
 from launcher.data import (
     IGNORE_INDEX,
     PackedSplit,
+    PreparedData,
     StepPlan,
     TokenizedSplit,
     block_diagonal_mask,
@@ -39,7 +40,7 @@ from launcher.data import (
 from launcher.ds_config import offloads_optimizer, zero_stage
 from launcher.faults import fault_point
 from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
-from launcher.kernels import apply_kernels, plan_kernels
+from launcher.kernels import KernelPlan, apply_kernels, plan_kernels
 from launcher.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
 from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.modeling import (
@@ -274,41 +275,56 @@ def exact_match(
     return correct / max(total, 1)
 
 
-# ---------------------------------------------------------------- the loop
+@dataclass(frozen=True)
+class Inputs:
+    """The tokenized data as this run consumes it: batches, validation, and the step plan."""
+
+    data: PreparedData
+    batches: Batches
+    validation: Batches | None
+    plan: StepPlan
+    steps: int
 
 
-def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
-    import deepspeed
-
-    # Adopts the process group Ray Train (or torchrun) set up; ZeRO-3 construction needs it.
-    deepspeed.init_distributed(dist_backend="nccl" if recipe.resources.use_gpu else "gloo")
-    rank = current_rank(recipe.resources.use_gpu)
+def prepare_inputs(
+    recipe: Recipe, tokenizer: Any, model_type: str, attention: str, rank: Rank
+) -> Inputs:
     train = recipe.train
-    torch.manual_seed(train.seed)
-    tokenizer = load_tokenizer(recipe.model)
     data = node_local_first(
         rank, lambda: prepare_data(recipe.data, tokenizer, train.seed, recipe.labels)
     )
-    attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     dtype = DTYPES[recipe.model.dtype]
-    packed = pack_examples(data.train.lengths(), recipe.data.max_length) if recipe.data.packing else None
-    config = load_task_config(recipe, tokenizer.pad_token_id)
-    left = classification.pads_left(recipe.task, recipe.method, config.model_type)
-    batches = Batches(data.train, packed, tokenizer.pad_token_id, dtype, attention, left)
-    val_batches = (
-        Batches(data.validation, None, tokenizer.pad_token_id, dtype, attention, left)
-        if data.validation is not None
-        else None
-    )
+    left = classification.pads_left(recipe.task, recipe.method, model_type)
+    pad_id = tokenizer.pad_token_id
+    packed = None
+    if recipe.data.packing:
+        packed = pack_examples(data.train.lengths(), recipe.data.max_length)
+    batches = Batches(data.train, packed, pad_id, dtype, attention, left)
+    validation = None
+    if data.validation is not None:
+        validation = Batches(data.validation, None, pad_id, dtype, attention, left)
     plan = StepPlan(
         batches.units(), train.micro_batch_size, train.grad_accum, rank.world, train.seed,
         recipe.data.shuffle,
     )
-    steps = total_steps(plan, train.max_steps, train.epochs)
+    return Inputs(data, batches, validation, plan, total_steps(plan, train.max_steps, train.epochs))
 
-    resume_point = engine_state.find_resume_point(run_dir, recipe.checkpoint, rank)
-    ds_config = engine_state.config_for(ds_config, resume_point)
-    torch.manual_seed(train.seed)
+
+@dataclass(frozen=True)
+class Trainee:
+    engine: Any
+    model: torch.nn.Module
+    schedule: Any
+    kernels: KernelPlan
+
+
+def build_engine(
+    recipe: Recipe, ds_config: dict[str, Any], config: Any, attention: str, steps: int
+) -> Trainee:
+    """Model, adapter or trainable subset, optimizer and schedule in a DeepSpeed engine, all
+    built while the ZeRO-3 context lives, so no rank materialises the whole model."""
+    import deepspeed
+
     with zero3_init_context(ds_config):
         model = build_model(recipe.model, config, attention, recipe.task)
         kernels = plan_kernels(
@@ -323,45 +339,117 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         else:
             head = classification.head_module_names(model) if recipe.task != "causal_lm" else []
             apply_trainable(model, recipe.method, recipe.train.freeze, head)
-        optimizer = build_optimizer(model, train, offloads_optimizer(ds_config))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train, steps))
+        optimizer = build_optimizer(model, recipe.train, offloads_optimizer(ds_config))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(recipe.train, steps))
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
     if recipe.model.compile:
         engine.compile()
-    lora = recipe.uses_adapter
-    per_token = flops_per_token(model_shape(causal_lm(model)), recipe.data.max_length, lora)
-    peak = device_peak_flops(rank.device, recipe.logging.peak_tflops, recipe.model.dtype)
+    return Trainee(engine, model, schedule, kernels)
 
-    teacher = distill.load_teacher(recipe, ds_config, rank.device, dtype) if recipe.distill else None
+
+def train_step(
+    engine: Any, objective: Objective, batches: Batches, plan: StepPlan, step: int, rank: Rank
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro batches. Each micro batch's summed loss is
+    divided by the real targets of the whole global batch (and scaled back up by the
+    accumulation x world averaging DeepSpeed applies), so the objective does not depend on
+    how the global batch is split."""
+    began = time.perf_counter()
+    timer = PhaseTimer(rank.device)
+    indices = plan.micro_batches(step, rank.rank)
+    micro = [batches.make(ix, rank.device) for ix in indices]
+    counts = torch.tensor(
+        [sum(objective.targets(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
+        dtype=torch.float64, device=rank.device,
+    )
+    targets, real_tokens = all_reduce(counts).tolist()
+    timer.lap("data")
+    scale = len(micro) * rank.world
+    loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
+    for batch in micro:
+        loss = objective.loss_sum(engine, batch)
+        engine.backward(loss * scale / targets)
+        timer.lap("fwd_bwd")
+        engine.step()
+        timer.lap("optim")
+        loss_total += loss.detach().double()
+    loss_value = all_reduce(loss_total).item() / targets
+    seconds = time.perf_counter() - began
+    return {
+        "loss": loss_value, "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
+        **timer.seconds(),
+    }
+
+
+def write_run_info(run_dir: Path, info: dict[str, Any], data: PreparedData, rank: Rank) -> None:
+    (run_dir / "run_info.json").write_text(
+        json.dumps(info | {"data": {k: v.__dict__ for k, v in data.stats.items()}}, indent=1)
+    )
+    for name, stats in data.stats.items():
+        rank.log(stats.summary(name))
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
+    import deepspeed
+
+    # Adopts the process group Ray Train (or torchrun) set up; ZeRO-3 construction needs it.
+    deepspeed.init_distributed(dist_backend="nccl" if recipe.resources.use_gpu else "gloo")
+    rank = current_rank(recipe.resources.use_gpu)
+    train = recipe.train
+    torch.manual_seed(train.seed)
+    tokenizer = load_tokenizer(recipe.model)
+    config = load_task_config(recipe, tokenizer.pad_token_id)
+    attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
+    inputs = prepare_inputs(recipe, tokenizer, config.model_type, attention, rank)
+    steps, plan = inputs.steps, inputs.plan
+
+    resume_point = engine_state.find_resume_point(run_dir, recipe.checkpoint, rank)
+    ds_config = engine_state.config_for(ds_config, resume_point)
+    torch.manual_seed(train.seed)
+    trainee = build_engine(recipe, ds_config, config, attention, steps)
+    engine, kernels = trainee.engine, trainee.kernels
+    lora = recipe.uses_adapter
+    per_token = flops_per_token(model_shape(causal_lm(trainee.model)), recipe.data.max_length, lora)
+    peak = device_peak_flops(rank.device, recipe.logging.peak_tflops, recipe.model.dtype)
+    teacher = None
+    if recipe.distill:
+        teacher = distill.load_teacher(recipe, ds_config, rank.device, DTYPES[recipe.model.dtype])
+
     start = engine_state.restore(engine, resume_point, rank)
     engine_state.record_attempt(run_dir, start, resume_point, rank)
     sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
     if rank.rank == 0:
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        trainable = [p for p in trainee.model.parameters() if p.requires_grad]
         info = {
             "total_steps": steps, "steps_per_epoch": plan.steps_per_epoch, "world_size": rank.world,
             "attention": attention, "kernels": kernels.kernels, "loss": kernels.loss.kind,
             "flops_per_token": per_token, "peak_flops": peak,
-            "packed_rows": len(packed) if packed else None,
-            "trainable_parameters": trainable,
+            "packed_rows": inputs.batches.units() if recipe.data.packing else None,
+            "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
-            "data": {k: v.__dict__ for k, v in data.stats.items()},
         }
-        (run_dir / "run_info.json").write_text(json.dumps(info, indent=1))
-        for name, stats in data.stats.items():
-            rank.log(stats.summary(name))
+        write_run_info(run_dir, info, inputs.data, rank)
         rank.log(
             f"attention kernel: {attention}; kernels: {kernels.kernels}; loss: "
             f"{kernels.loss.kind}; {steps} steps; resuming at step {start}"
         )
-    pad_id, stage3 = tokenizer.pad_token_id, zero_stage(ds_config) == 3
-    if start == 0 and recipe.eval.at_start and val_batches is not None:
-        initial = run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
+    stage3 = zero_stage(ds_config) == 3
+
+    def evaluate_now() -> dict[str, float]:
+        return run_eval(
+            engine, recipe, inputs.validation, inputs.data.validation, rank,
+            tokenizer.pad_token_id, stage3,
+        )
+
+    if start == 0 and recipe.eval.at_start and inputs.validation is not None:
+        initial = evaluate_now()
         if sink:
             sink.write({"step": 0} | initial)
-    scale = train.grad_accum * rank.world
     objective = objective_for(recipe, kernels.loss, teacher)
     saves = engine_state.SaveSchedule(recipe.checkpoint, steps)
     stopping = recipe.eval.early_stopping
@@ -370,47 +458,23 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     for step in range(start, start if stopped else steps):
         fault_point("crash", step, run_dir, rank)
         fault_point("hang", step, run_dir, rank)
-        began = time.perf_counter()
-        timer = PhaseTimer(rank.device)
-        indices = plan.micro_batches(step, rank.rank)
-        micro = [batches.make(ix, rank.device) for ix in indices]
-        counts = torch.tensor(
-            [sum(objective.targets(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
-            dtype=torch.float64, device=rank.device,
-        )
-        targets, real_tokens = all_reduce(counts).tolist()
-        timer.lap("data")
-        loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
-        for batch in micro:
-            loss = objective.loss_sum(engine, batch)
-            engine.backward(loss * scale / targets)
-            timer.lap("fwd_bwd")
-            engine.step()
-            timer.lap("optim")
-            loss_total += loss.detach().double()
-        loss_value = all_reduce(loss_total).item() / targets
-        seconds = time.perf_counter() - began
         done = step + 1
-        record = {
-            "step": done,
-            "loss": loss_value,
-            "lr": schedule.get_last_lr()[0],
+        record = {"step": done} | train_step(engine, objective, inputs.batches, plan, step, rank)
+        record |= {
+            "lr": trainee.schedule.get_last_lr()[0],
             "grad_norm": _float(engine.get_global_grad_norm()),
-            "tokens": int(real_tokens),
-            "tokens_per_s": real_tokens / seconds,
-            **timer.seconds(),
             "peak_memory_gb": peak_memory_gb(rank.device),
             "epoch": step / max(plan.steps_per_epoch, 1),
         }
         if peak:
-            record["mfu"] = mfu(per_token, real_tokens / seconds, rank.world, peak)
+            record["mfu"] = mfu(per_token, record["tokens_per_s"], rank.world, peak)
             record["mfu_basis"] = "lora" if lora else "full"
-        eval_due = val_batches is not None and (
+        eval_due = inputs.validation is not None and (
             (recipe.eval.every_steps and done % recipe.eval.every_steps == 0)
             or (done == steps and recipe.eval.at_end)
         )
         if eval_due:
-            record |= run_eval(engine, recipe, val_batches, data.validation, rank, pad_id, stage3)
+            record |= evaluate_now()
         if sink and (done % recipe.logging.every_steps == 0 or eval_due or done == steps):
             sink.write(record)
         verdict = None
