@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import platform
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserInputError
+from launcher.ports import free_port
 from launcher.recipe import Recipe, load_recipe
 
 PACKAGES = ("torch", "transformers", "deepspeed", "peft", "ray")
@@ -145,7 +145,7 @@ def inspect_node(share_dir: str, driver_token: str, node_token: str) -> NodeRepo
         write_error,
         str(node_file),
         tuple(created),
-        _free_port(),
+        free_port(),
     )
 
 
@@ -221,12 +221,6 @@ def _make_dirs(path: Path) -> list[str]:
 
 def _existing_ancestor(path: Path) -> Path:
     return next(p for p in (path, *path.parents) if p.exists())
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- on the driver

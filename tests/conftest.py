@@ -68,8 +68,10 @@ def ray_cluster():
     """One real local Ray cluster shared by the end-to-end tests."""
     import ray
 
+    from launcher.orchestrate import start_local_ray
+
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=True)
+    start_local_ray(num_cpus=4)
     yield ray
     ray.shutdown()
 

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +68,9 @@ class LocalRayCluster:
     address: str = ""
     dashboard_url: str | None = None
     sessions: list[int] = field(default_factory=list)
+    # Short (socket paths have a length limit), and private: ``ray start`` writes the address
+    # file ray_current_cluster there instead of /tmp/ray, where it would outlive the cluster.
+    temp_dir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     private_dirs: dict[str, Path] = field(default_factory=dict)
     _node_ids: dict[str, str] | None = None
 
@@ -95,6 +99,7 @@ class LocalRayCluster:
             f"--port={port}",
             f"--ray-client-server-port={free_port()}",
             f"--include-dashboard={str(self.dashboard).lower()}",
+            f"--temp-dir={self.temp_dir}",
         ]
         if self.dashboard:
             dashboard_port = free_port()
@@ -213,6 +218,7 @@ class LocalRayCluster:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def _pids_in_sessions(sessions: set[int]) -> list[int]:

@@ -1,0 +1,46 @@
+"""The embedded Ray instance answers Ray's state API itself, whatever cluster the machine's
+address file (ray_current_cluster, written by ``ray start``) names."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.conftest import ROOT
+
+PROBE = """
+import ray
+from launcher.orchestrate import start_local_ray
+
+start_local_ray(num_cpus=1)
+
+@ray.remote
+def nodes_seen_from_a_task():
+    from ray.util.state import list_nodes
+    return [n.node_id for n in list_nodes(timeout=10)]
+
+print("NODES", ray.get(nodes_seen_from_a_task.remote()), ray.get_runtime_context().get_node_id())
+"""
+
+
+def test_state_api_in_tasks_reaches_the_embedded_cluster_despite_a_stale_address_file():
+    """Ray Train's placement-group cleaner polls this API from a task; asked of a dead cluster
+    it blocks for its timeout on every poll and delays the end of each run."""
+    tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens
+        done = subprocess.run(
+            [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+            env=os.environ | {"RAY_TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)}, check=False,
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("NODES"))
+    seen, own = line.split()[1:-1], line.split()[-1]
+    assert seen == [f"['{own}']"], line
