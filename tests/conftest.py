@@ -40,6 +40,17 @@ def tiny_recipe(output_dir: Path, **changes: Any) -> dict[str, Any]:
     return deep_update(base, changes)
 
 
+def probe_matches(run_dir: Path, model: Any) -> None:
+    """The reloaded model gives the logits the worker recorded at the end of training."""
+    import torch
+    from safetensors.torch import load_file
+
+    probe = load_file(str(run_dir / "probe.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits
+    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

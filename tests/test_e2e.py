@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from launcher.checkpoint import committed
 from launcher.metrics import read_metrics
-from tests.conftest import tiny_recipe, write_recipe
+from tests.conftest import probe_matches, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e
 
@@ -38,13 +37,6 @@ def assert_contract(run_dir, steps, fall=0.75):
     assert last < fall * first, (first, last)
     assert committed(run_dir)[0].step == steps
     return records
-
-
-def probe_matches(run_dir, model):
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
 
 
 def test_full_finetune_zero2_two_workers(ray_cluster, cli, tmp_path):

@@ -12,15 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.metrics import read_metrics
-from tests.conftest import DATA, ROOT, TINY_LLAMA, tiny_recipe, write_recipe
+from tests.conftest import DATA, ROOT, TINY_LLAMA, probe_matches, tiny_recipe, write_recipe
 from tests.test_classification_data import cls_recipe
-
-
-def probe_matches(run_dir, model):
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits
-    torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
 
 
 def train_torchrun(cli, tmp_path, recipe):

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 
 from launcher import checkpoint as ckpt
 from launcher.metrics import read_metrics
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, probe_matches, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e
 STEPS = 8
@@ -213,9 +213,7 @@ def test_zero3_full_export_matches_and_zero_to_fp32_reads_it(ray_cluster, cli, t
     assert code == 0, err
     assert [c.step for c in ckpt.committed(run_dir)] == [4, 3]
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final").eval()
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    probe_matches(run_dir, model)
     out = tmp_path / "fp32"
     subprocess.run(
         [sys.executable, str(run_dir / "checkpoints" / "zero_to_fp32.py"), str(run_dir / "checkpoints"),
@@ -236,9 +234,7 @@ def test_export_merges_lora(ray_cluster, cli, tmp_path):
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert not any("lora" in k for k in merged.state_dict())
-    probe = load_file(str(run_dir / "probe.safetensors"))
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=probe["input_ids"]).logits, probe["logits"], atol=1e-4, rtol=1e-4)
+    probe_matches(run_dir, merged)
 
 
 class _Payload:
