@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from launcher.synthetic import save_word_level_tokenizer
+
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "=")
 PROMPT_TEMPLATE = "{instruction} ="
 
@@ -30,24 +32,8 @@ class LengthSpec:
 
 def build_tokenizer(vocab_size: int, out_dir: Path) -> Path:
     """A whitespace word-level tokenizer with ``vocab_size`` entries: w0, w1, ... and specials."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIALS)}
-    vocab |= {f"w{i}": len(SPECIALS) + i for i in range(vocab_size - len(SPECIALS))}
-    core = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-    )
-    tokenizer.save_pretrained(str(out_dir))
-    return out_dir
+    words = [*SPECIALS, *(f"w{i}" for i in range(vocab_size - len(SPECIALS)))]
+    return save_word_level_tokenizer(words, out_dir)
 
 
 def sample_lengths(spec: LengthSpec, count: int, rng: np.random.Generator) -> np.ndarray:

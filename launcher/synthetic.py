@@ -68,13 +68,23 @@ def to_text(row: dict[str, str]) -> dict[str, str]:
 
 
 def build_tokenizer(out_dir: Path) -> Path:
-    """Write a word-level fast tokenizer with a chat template that AutoTokenizer loads."""
+    """Write the digits task's word-level tokenizer, with a chat template."""
+    vocab_words = SPECIAL + ROLES + [str(d) for d in range(10)] + ONES + TEENS + WORDS
+    return save_word_level_tokenizer(
+        list(dict.fromkeys(vocab_words)), out_dir, chat_template=CHAT_TEMPLATE, max_length=512
+    )
+
+
+def save_word_level_tokenizer(
+    words: list[str], out_dir: Path, chat_template: str | None = None,
+    max_length: int | None = None,
+) -> Path:
+    """A fast word-level tokenizer over ``words`` (which include <s>, </s>, <unk>, <pad>), saved
+    where AutoTokenizer loads it."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab_words = SPECIAL + ROLES + [str(d) for d in range(10)] + ONES + TEENS + WORDS
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
@@ -82,9 +92,10 @@ def build_tokenizer(out_dir: Path) -> Path:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
     )
-    tokenizer.model_max_length = 512
+    if max_length is not None:
+        tokenizer.model_max_length = max_length
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(out_dir))
     return out_dir
