@@ -17,7 +17,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,14 +24,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher import ports
+
 ROOT = Path(__file__).resolve().parent.parent
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A free port never handed out before in this process: two nodes' agents asking for the
+    same port would make one of them fail to start."""
+    while (port := ports.free_port()) in _handed_out:
+        pass
+    _handed_out.add(port)
+    return port
 
 
 def can_isolate_mounts(scratch: Path) -> bool:
@@ -148,7 +155,20 @@ class LocalRayCluster:
         )
         self.sessions.append(process.pid)
         if process.wait(timeout=120) != 0:
-            raise RuntimeError(f"ray start ({name}) failed:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"ray start ({name}) failed:\n{log.read_text()[-3000:]}\n{self._ray_logs()}"
+            )
+
+    def _ray_logs(self, tail: int = 1500) -> str:
+        """The ends of the session's own logs: why a node did not come up is only there (the
+        temp dir is removed at teardown)."""
+        logs = Path(self.temp_dir) / "session_latest" / "logs"
+        wanted = ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent")
+        parts = []
+        for path in sorted(logs.glob("*")):
+            if path.is_file() and path.name.startswith(wanted) and path.stat().st_size:
+                parts.append(f"--- {path.name}\n{path.read_text(errors='replace')[-tail:]}")
+        return "\n".join(parts)
 
     def _install_ftlaunch(self) -> None:
         bin_dir = self.base / "bin"
