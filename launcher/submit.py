@@ -61,7 +61,14 @@ def job_server_address(address: str | None) -> str:
         )
     if "://" not in address:
         address = f"http://{address}"
-    if urlparse(address).scheme not in ("http", "https") or not urlparse(address).hostname:
+    url = urlparse(address)
+    if url.username is not None or url.password is not None:
+        raise UserInputError(
+            "--address",
+            "has credentials in the URL, which would be printed and logged; give the address "
+            "alone and the token in RAY_AUTH_TOKEN",
+        )
+    if url.scheme not in ("http", "https") or not url.hostname:
         raise UserInputError(
             "--address", f"'{address}' is not a job server URL such as http://HEAD:8265"
         )
@@ -91,9 +98,20 @@ def token_auth_problem(env: Mapping[str, str]) -> str | None:
 
 
 def check_transport(address: str, insecure: bool, env: Mapping[str, str]) -> None:
-    """Refuse, before any connection, to submit to another machine without token auth."""
+    """Refuse, before any connection, to talk to another machine's job server over plain
+    http:// (the token and the job would cross the network readable by anyone on the path) or
+    without token auth. ``--insecure`` allows both."""
     if insecure or is_loopback(address):
         return
+    if urlparse(address).scheme != "https":
+        raise UserInputError(
+            "--address",
+            f"{address} is another machine over plain http://: the Ray token in every request, "
+            "the recipe and the logs would cross the network unencrypted. Use an SSH tunnel "
+            "(ssh -L 8265:localhost:8265 HEAD, then --address http://127.0.0.1:8265) or an "
+            "https:// proxy in front of the job server; see 'Submitting from your laptop' in "
+            "README.md. On a network you trust, --insecure connects anyway.",
+        )
     problem = token_auth_problem(env)
     if problem:
         raise UserInputError(
@@ -112,7 +130,7 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or not _ENV_NAME.match(name):
-            raise UserInputError(f"--env {name or item}", "expected KEY=VALUE")
+            raise UserInputError(f"--env {name}" if name else "--env", "expected KEY=VALUE")
         if is_secret_name(name):
             raise UserInputError(
                 f"--env {name}",
@@ -315,8 +333,13 @@ def outcome(client: Any, job_id: str, status: str) -> int:
 def _address_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
-        help="job server URL, e.g. http://HEAD:8265 "
+        help="job server URL: http://127.0.0.1:8265 through an SSH tunnel, or https://HEAD "
         "(default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS)",
+    )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="talk to another machine over plain http:// or without Ray token authentication",
     )
 
 
@@ -358,11 +381,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="environment variable for the job (not secrets; repeatable)",
-    )
-    add(
-        "--insecure",
-        action="store_true",
-        help="submit to another machine without Ray token authentication",
     )
 
 
@@ -410,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
     print(job_id)
     if not args.wait:
         print(
-            f"[ftlaunch] follow it: ftlaunch jobs logs {job_id} --follow --address {address}",
+            f"[ftlaunch] follow it: ftlaunch jobs logs {job_id} --follow --address {address}"
+            + (" --insecure" if args.insecure else ""),
             file=sys.stderr,
         )
         return 0
@@ -435,6 +454,7 @@ def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_jobs(args: argparse.Namespace) -> int:
     address = job_server_address(args.address)
+    check_transport(address, args.insecure, os.environ)
     client = connect(address)
     if args.jobs_command == "list":
         print(format_jobs(client.list_jobs()))

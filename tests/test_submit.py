@@ -174,7 +174,7 @@ def test_ray_job_submit_runs_ftlaunch_and_jobs_stop_stops_it(cluster, project):
 
 def test_remote_address_without_token_auth_is_refused_before_connecting(cli, tmp_path, monkeypatch):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
-    remote = "http://203.0.113.7:8265"  # TEST-NET-3: never reached, the refusal comes first
+    remote = "https://203.0.113.7:8265"  # TEST-NET-3: never reached, the refusal comes first
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     code, _, err = cli("submit", recipe, "--address", remote)
     assert code == 2
@@ -187,18 +187,56 @@ def test_remote_address_without_token_auth_is_refused_before_connecting(cli, tmp
     assert code == 2 and "no token was found" in err
 
 
-def test_insecure_or_loopback_or_a_token_lets_the_submission_through():
+TOKEN_ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"}
+
+
+def test_insecure_or_loopback_or_https_with_a_token_lets_the_submission_through():
     remote = "http://203.0.113.7:8265"
     submit.check_transport(remote, insecure=True, env={})
     submit.check_transport("http://127.0.0.1:8265", insecure=False, env={})
     submit.check_transport("http://localhost:8265", insecure=False, env={})
-    submit.check_transport(remote, False, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "t"})
+    submit.check_transport("https://203.0.113.7", False, TOKEN_ENV)
     with pytest.raises(UserInputError):
         submit.check_transport("http://[::2]:8265", insecure=False, env={})
+    with pytest.raises(UserInputError, match="no token was found"):
+        submit.check_transport("https://203.0.113.7", False, {"RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"})  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    "name", ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"]
+    "command",
+    [["submit", "RECIPE"], ["jobs", "list"], ["jobs", "status", "x"], ["jobs", "logs", "x"],
+     ["jobs", "stop", "x"]],
+    ids=lambda c: " ".join(c),
+)
+def test_a_token_over_plain_http_to_another_machine_is_refused(
+    cli, tmp_path, monkeypatch, command
+):
+    """The token would cross the network in clear text: refused before any connection, for
+    submit and for every jobs command, unless --insecure."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", PLANTED)
+    argv = [str(recipe) if a == "RECIPE" else a for a in command]
+    code, out, err = cli(*argv, "--address", "http://203.0.113.7:8265")
+    assert code == 2, err
+    assert "plain http://" in err and "--insecure" in err and "SSH tunnel" in err
+    assert PLANTED not in out + err
+
+
+def test_credentials_in_the_address_are_refused_without_echoing_them(cli, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, out, err = cli("submit", recipe, "--address", f"http://me:{PLANTED}@127.0.0.1:9")
+    assert code == 2 and "credentials in the URL" in err
+    assert PLANTED not in out + err
+    code, out, err = cli("submit", recipe, "--address", "http://127.0.0.1:9", "--env", f"={PLANTED}")
+    assert code == 2 and "--env: expected KEY=VALUE" in err
+    assert PLANTED not in out + err
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["HF_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "hf_token", "ApiKey"],
 )
 def test_secret_env_is_refused_with_a_pointer_to_the_docs(cli, tmp_path, name):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
