@@ -4,7 +4,9 @@ LoRA through peft, gradient checkpointing, and the ZeRO-3 construction order."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ HF_ATTENTION = {
     "sdpa": "sdpa",
     "eager": "eager",
 }
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 AUTO_CLASSES = {
     "causal_lm": "AutoModelForCausalLM",
@@ -62,10 +65,48 @@ def resolve_attention(requested: str, on_gpu: bool) -> str:
     return HF_ATTENTION[requested]
 
 
+def remote_code_sources(cfg: ModelSection) -> dict[str, str]:
+    """Recipe field -> what is loaded from it: the config and weights, and the tokenizer."""
+    sources = {"model.tokenizer": cfg.tokenizer or cfg.name_or_path}
+    if cfg.name_or_path is not None:
+        sources["model.name_or_path"] = cfg.name_or_path
+    return sources
+
+
+def check_remote_code_pins(cfg: ModelSection) -> None:
+    """With trust_remote_code every object loaded runs code it ships, so each must be pinned.
+
+    A local directory runs the code it holds (model.revision does not apply to it). A hub
+    repository must be model.name_or_path at a full commit hash in model.revision: a branch or
+    tag can be moved to other code, and model.revision pins no other repository, so a
+    tokenizer from a different hub repository is refused.
+    """
+    if not cfg.trust_remote_code:
+        return
+    for field, source in remote_code_sources(cfg).items():
+        if Path(source).is_dir():
+            continue
+        if source != cfg.name_or_path:
+            raise UserInputError(
+                field,
+                f"'{source}' is a hub repository other than model.name_or_path, so "
+                "model.revision does not pin it, and with model.trust_remote_code its code "
+                "would run unpinned: use a local directory (a snapshot you checked) or leave "
+                "model.tokenizer unset to take the pinned model's tokenizer",
+            )
+        if not COMMIT.match(cfg.revision or ""):
+            raise UserInputError(
+                "model.revision",
+                f"'{cfg.revision}' is not a full commit hash (40 hex digits); with "
+                "model.trust_remote_code a branch or tag could be moved to other code",
+            )
+
+
 def load_tokenizer(cfg: ModelSection, padding_side: str | None = None) -> Any:
     """The recipe's tokenizer; a ``padding_side`` given here is saved with it."""
     from transformers import AutoTokenizer
 
+    check_remote_code_pins(cfg)
     source = cfg.tokenizer or cfg.name_or_path
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -86,6 +127,7 @@ def load_tokenizer(cfg: ModelSection, padding_side: str | None = None) -> Any:
 def load_model_config(cfg: ModelSection) -> Any:
     from transformers import AutoConfig
 
+    check_remote_code_pins(cfg)
     if cfg.architecture is not None:
         spec = dict(cfg.architecture)
         model_type = spec.pop("model_type")
@@ -177,6 +219,7 @@ def build_model(
 ) -> torch.nn.Module:
     """The model for ``task``; a classification head missing from the checkpoint is freshly
     initialised (``config`` carries its labels, see classification.configure_labels)."""
+    check_remote_code_pins(cfg)
     auto = auto_model_class(task)
     dtype = DTYPES[cfg.dtype]
     if cfg.architecture is not None:
