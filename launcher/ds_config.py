@@ -13,6 +13,7 @@ from typing import Any
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
+from launcher.secret_env import SECRETS_HELP, secret_key_paths
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 DEFAULT_BUCKET = 500_000_000
@@ -55,6 +56,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None) -> dict[str, Any]:
     base, source = load_base_config(recipe.deepspeed.config)
+    refuse_secrets(base, source)
     config = deep_merge(base, recipe.deepspeed.overrides)
     train = recipe.train
     hidden_sq = max(hidden_size * hidden_size, MIN_BUCKET) if hidden_size else DEFAULT_BUCKET
@@ -96,6 +98,17 @@ def resolve_ds_config(recipe: Recipe, world_size: int, hidden_size: int | None) 
             "optimizer and scheduler come from the recipe's train section; remove them",
         )
     return config
+
+
+def refuse_secrets(config: dict[str, Any], source: str) -> None:
+    """A secret-looking key in a DeepSpeed JSON file would be copied into ds_config.json (and,
+    with ftlaunch submit, into the job's working_dir); refuse it, naming only the key."""
+    for path in secret_key_paths(config, "config"):
+        raise UserInputError(
+            f"deepspeed.config ({source})",
+            f"{path.removeprefix('config.')} looks like a secret and would be stored in plain "
+            f"text in ds_config.json; {SECRETS_HELP}",
+        )
 
 
 def zero_stage(config: dict[str, Any]) -> int:

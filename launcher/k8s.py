@@ -24,6 +24,7 @@ import yaml
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe, load_recipe
+from launcher.secret_env import SECRETS_HELP, is_secret_name
 
 RECIPE_DIR = "/etc/ftlaunch"
 RECIPE_FILE = "recipe.yaml"
@@ -35,6 +36,11 @@ CPUS_PER_GPU = 8
 MEMORY_GIB_PER_GPU = 32
 MEMORY_GIB_PER_CPU = 4
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001))
+DASHBOARD_PORT = 8265
+# KubeRay's submitter is a Kubernetes Job named after the RayJob; the Job controller labels its
+# pods with this. The operator polls the job's status through the dashboard.
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
+OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -100,6 +106,7 @@ class K8sOptions:
     worker_memory: str | None = None
     shm_size: str = "64Gi"
     nccl_env: Mapping[str, str] = field(default_factory=dict)
+    open_dashboard: bool = False
 
 
 @dataclass(frozen=True)
@@ -247,7 +254,8 @@ def _check_secret(ref: SecretRef) -> None:
 
 
 def container_env(recipe: Recipe, options: K8sOptions) -> list[dict[str, Any]]:
-    """Recipe env, NCCL env and Secret references; a name may be set only once."""
+    """Recipe env, NCCL env and Secret references; a name may be set only once, and a
+    secret-looking name only by a Secret reference (a plain value would sit in the manifest)."""
     env: list[dict[str, Any]] = []
     sources = [
         ("resources.env", [(k, {"value": v}) for k, v in recipe.resources.env.items()]),
@@ -265,6 +273,13 @@ def container_env(recipe: Recipe, options: K8sOptions) -> list[dict[str, Any]]:
         for name, value in entries:
             if not _ENV_NAME.match(name):
                 raise UserInputError(where, f"'{name}' is not an environment variable name")
+            if "value" in value and is_secret_name(name):
+                raise UserInputError(
+                    f"{where} {name}",
+                    "looks like a secret, and its value would be written into the RayJob in "
+                    f"plain text: create a Kubernetes Secret and pass --secret {name}=SECRET/KEY; "
+                    + SECRETS_HELP,
+                )
             if name in seen:
                 raise UserInputError(where, f"{name} is already set by {seen[name]}")
             seen[name] = where
@@ -343,6 +358,8 @@ def _head_group(name: str, env: list[dict[str, Any]], options: K8sOptions) -> di
         "env": [dict(e) for e in env],
     }
     return {
+        # 0.0.0.0: the submitter pod and the operator reach the dashboard through the head's
+        # Service; token auth and the NetworkPolicy keep everyone else out.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0", "num-gpus": "0"},
         "template": _pod_template(name, container, options, worker=False),
     }
@@ -407,6 +424,11 @@ def render_rayjob(recipe: Recipe, recipe_path: str | Path, options: K8sOptions) 
         "headGroupSpec": _head_group(name, env, options),
         "workerGroupSpecs": [_worker_group(name, env, layout, options)],
     }
+    if not options.open_dashboard:
+        # KubeRay (1.5.1+) creates a Secret with a random token and sets RAY_AUTH_MODE=token
+        # and RAY_AUTH_TOKEN in every Ray container; Ray then refuses unauthenticated requests
+        # to the dashboard, the job API and the GCS.
+        spec["rayClusterSpec"]["authOptions"] = {"mode": "token"}
     return {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata, "spec": spec}
 
 
@@ -419,13 +441,46 @@ def render_configmap(name: str, namespace: str, recipe_text: str) -> dict[str, A
     }
 
 
+def networkpolicy_name(name: str) -> str:
+    return f"{name}-ray"
+
+
+def render_networkpolicy(name: str, namespace: str) -> dict[str, Any]:
+    """Ingress to the job's Ray pods only from each other, from its submitter (any port), and
+    from the KubeRay operator (the dashboard port, where it polls the job)."""
+    own = {"podSelector": {"matchLabels": _labels(name)}}
+    submitter = {"podSelector": {"matchLabels": {JOB_NAME_LABEL: name}}}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": dict(OPERATOR_LABELS)}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": networkpolicy_name(name),
+            "namespace": namespace,
+            "labels": _labels(name),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": _labels(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [own, submitter]},
+                {"from": [operator], "ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]},
+            ],
+        },
+    }
+
+
 def render_manifests(
     recipe: Recipe, recipe_path: str | Path, recipe_text: str, options: K8sOptions
 ) -> list[dict[str, Any]]:
-    """[ConfigMap holding ``recipe_text`` as recipe.yaml, RayJob whose pods mount it]."""
+    """[ConfigMap holding ``recipe_text`` as recipe.yaml, RayJob whose pods mount it, and
+    (unless ``open_dashboard``) the NetworkPolicy that closes its pods to other traffic]."""
     rayjob = render_rayjob(recipe, recipe_path, options)
     meta = rayjob["metadata"]
-    return [render_configmap(meta["name"], meta["namespace"], recipe_text), rayjob]
+    docs = [render_configmap(meta["name"], meta["namespace"], recipe_text), rayjob]
+    if not options.open_dashboard:
+        docs.append(render_networkpolicy(meta["name"], meta["namespace"]))
+    return docs
 
 
 def recipe_yaml(recipe: Recipe, source: str | Path) -> str:
@@ -561,6 +616,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="Seconds before the job is stopped.",
     )
+    add(
+        "--open-dashboard",
+        action="store_true",
+        default=None,
+        help="Render the Ray cluster without token authentication and without the "
+        "NetworkPolicy: anyone who reaches the head can run code in the pods and read their "
+        "secrets. Default: closed.",
+    )
     add("--out", metavar="FILE", help="Write the manifests here instead of stdout.")
 
 
@@ -569,7 +632,9 @@ def _pairs(items: Sequence[str], flag: str) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise UserInputError(f"{flag} {item}", "expected KEY=VALUE")
+            raise UserInputError(f"{flag} {key}" if key else flag, "expected KEY=VALUE")
+        if key in pairs:
+            raise UserInputError(f"{flag} {key}", "given twice")
         pairs[key] = value
     return pairs
 
@@ -621,6 +686,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}: kubectl apply -f {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
+    if options.open_dashboard:
+        print(
+            "warning: --open-dashboard: the Ray head accepts unauthenticated requests from "
+            "anywhere in the cluster network, and its jobs see the pods' secrets",
+            file=sys.stderr,
+        )
     if not options.pvc:
         print(
             f"note: no --pvc: output_dir {recipe.output_dir} must be on shared storage that you "

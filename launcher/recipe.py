@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.errors import UserInputError
-from launcher.secret_env import SECRETS_HELP, is_secret_name
+from launcher.secret_env import SECRETS_HELP, is_secret_name, secret_key_paths
 from launcher.yamlio import KeyPath, apply_overrides, load_yaml_with_lines
 
 AttentionKernel = Literal["auto", "flash_attention_2", "flex", "sdpa", "eager"]
@@ -372,8 +372,20 @@ class DeepSpeedSection(Section):
         "path to a DeepSpeed JSON file; 'auto' values are filled from the recipe.",
     )
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Deep-merged into the DeepSpeed config."
+        default_factory=dict,
+        description="Deep-merged into the DeepSpeed config. Secret-looking keys (api_key, "
+        "*_token, password, ...) are refused at any depth: the recipe and ds_config.json are "
+        "stored in plain text.",
     )
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> DeepSpeedSection:
+        for path in secret_key_paths(self.overrides, "deepspeed.overrides"):
+            raise ValueError(
+                f"{path}: looks like a secret and would be stored in plain text (recipe, "
+                f"ds_config.json, ConfigMap); {SECRETS_HELP}"
+            )
+        return self
 
 
 class ResourcesSection(Section):

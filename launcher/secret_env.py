@@ -1,22 +1,52 @@
-"""Which environment variables hold secrets.
+"""What is secret-looking: one rule for every path a value can travel.
 
-Their values never go into a recipe, a Ray job's runtime_env or metadata, or a log: those are
-stored in plain text (run directory, checkpoints, the Ray dashboard, ``ray job list``).
+Environment variables (``resources.env``, ``submit --env``, ``k8s --nccl-env``) and the keys of
+free-form settings (``deepspeed.overrides``) are checked by name with :func:`is_secret_name`.
+A secret-looking name is refused wherever its value would be written down in plain text: a
+recipe, ``recipe.resolved.yaml``, ``ds_config.json``, a ConfigMap or RayJob manifest, a Ray
+job's runtime_env, entrypoint or metadata, or a log. Secrets reach a job only through the
+environment of the nodes it runs on (on Kubernetes: a Secret referenced by ``secretKeyRef``).
 """
 
 from __future__ import annotations
 
-SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "CREDENTIALS")
+import re
+from collections.abc import Iterator
+from typing import Any
+
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS", "CREDENTIAL")
+# KEY counts only as the last word: API_KEY and apiKey are secrets, num_key_value_heads is not.
+LAST_SECRET_WORDS = ("KEY",)
 SECRETS_HELP = (
     "set it in the environment of the Ray nodes instead (on Kubernetes: a Secret, "
     "'ftlaunch k8s --secret'); see 'Secrets on the cluster' in README.md"
 )
+_WORD_SEPARATOR = re.compile(r"[^A-Za-z0-9]+")
 
 
 def is_secret_name(name: str) -> bool:
-    """HF_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, DB_PASSWORD, APIKEY, ...
+    """HF_TOKEN, hf_token, WANDB_API_KEY, Api-Key, apiKey, AWS_SECRET_ACCESS_KEY, db.password.
 
-    Words are matched by suffix, one underscore-separated word at a time, so that
-    TOKENIZERS_PARALLELISM (a setting, not a secret) passes.
+    The name is split into words at anything but a letter or digit, case ignored. A word that
+    ends with TOKEN, SECRET, PASSWORD, ... makes the name secret, so TOKENIZERS_PARALLELISM (a
+    setting) passes; KEY counts in the last word only, so num_key_value_heads passes.
     """
-    return any(word.endswith(SECRET_WORDS) for word in name.upper().split("_"))
+    words = [w for w in _WORD_SEPARATOR.split(name.upper()) if w]
+    if words and words[-1].endswith(LAST_SECRET_WORDS):
+        return True
+    return any(word.endswith(SECRET_WORDS) for word in words)
+
+
+def secret_key_paths(node: Any, prefix: str) -> Iterator[str]:
+    """Dotted paths (``prefix.a.b``, list items as ``[i]``) of secret-looking keys in ``node``,
+    through nested dicts and lists."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            path = f"{prefix}.{key}"
+            if is_secret_name(str(key)):
+                yield path
+            else:
+                yield from secret_key_paths(value, path)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from secret_key_paths(item, f"{prefix}[{i}]")

@@ -271,8 +271,66 @@ def render_cli(argv: list[str], out: Path) -> tuple[list[dict[str, Any]], str]:
 
 
 def split(docs: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    """The ConfigMap and the RayJob of a closed render, its NetworkPolicy checked."""
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "NetworkPolicy"]
+    assert networkpolicy_problems(docs[2], docs[1]) == []
     return docs[0], docs[1]
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return set(selector) <= {"matchLabels"} and selector.get("matchLabels", {}).items() <= (
+        labels.items()
+    )
+
+
+def networkpolicy_problems(policy: dict[str, Any], rayjob: dict[str, Any]) -> list[str]:
+    """A networking.k8s.io/v1 NetworkPolicy that selects every pod of the RayJob and admits
+    ingress only from the job's own pods, its submitter Job and the KubeRay operator."""
+    problems = metadata_problems(policy["metadata"])
+    if (policy["apiVersion"], policy["kind"]) != ("networking.k8s.io/v1", "NetworkPolicy"):
+        problems.append("not a networking.k8s.io/v1 NetworkPolicy")
+    if policy["metadata"]["namespace"] != rayjob["metadata"]["namespace"]:
+        problems.append("not in the RayJob's namespace")
+    spec = policy["spec"]
+    if set(spec) - {"podSelector", "policyTypes", "ingress", "egress"}:
+        problems.append(f"unknown spec fields {set(spec)}")
+    if spec.get("policyTypes") != ["Ingress"]:
+        problems.append("must restrict Ingress")
+    own_labels = [pod_template["metadata"]["labels"] for pod_template in pod_templates(rayjob)]
+    if not all(selects(spec["podSelector"], labels) for labels in own_labels):
+        problems.append("podSelector misses some of the RayJob's pods")
+    if not spec["podSelector"].get("matchLabels"):
+        problems.append("podSelector selects every pod in the namespace")
+    name = rayjob["metadata"]["name"]
+    submitter = {k8s.JOB_NAME_LABEL: name}
+    for rule in spec.get("ingress", []):
+        if set(rule) - {"from", "ports"} or not rule.get("from"):
+            problems.append(f"ingress rule {rule} admits everyone")
+            continue
+        for peer in rule["from"]:
+            if "ipBlock" in peer:
+                problems.append(f"ingress from an ipBlock {peer}")
+            pods = peer.get("podSelector", {})
+            if not pods.get("matchLabels"):
+                problems.append(f"ingress peer {peer} selects every pod")
+            elif "namespaceSelector" in peer:
+                if pods["matchLabels"] != k8s.OPERATOR_LABELS or rule.get("ports") != [
+                    {"protocol": "TCP", "port": k8s.DASHBOARD_PORT}
+                ]:
+                    problems.append(f"peer {peer} from other namespaces beyond the dashboard")
+            elif not (
+                all(selects(pods, labels) for labels in own_labels)
+                or pods["matchLabels"] == submitter
+            ):
+                problems.append(f"ingress peer {peer} is not the job's own pods or submitter")
+    return problems
+
+
+def pod_templates(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = doc["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster["workerGroupSpecs"]
+    ]
 
 
 def groups(rayjob: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -576,6 +634,108 @@ def test_a_local_secret_value_never_reaches_the_manifests(
     assert "secretKeyRef" in text
 
 
+SECRET_SPELLINGS = ["HF_TOKEN", "hf_token", "WANDB_API_KEY", "Api_Key", "MY_PASSWORD"]
+
+
+@pytest.mark.parametrize("name", SECRET_SPELLINGS)
+def test_a_secret_given_as_nccl_env_is_refused_and_never_written(
+    tmp_path: Path, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--nccl-env would write the value into the RayJob in plain text: only --secret may set
+    a secret-looking name, and the refusal does not echo the value."""
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    out = tmp_path / "out.yaml"
+    argv = [str(recipe), "--nccl-env", f"{name}={PLANTED}=\n'\"é", "--out", str(out)]
+    with pytest.raises(UserInputError) as info:
+        k8s.run(parse_args(argv))
+    assert info.value.where == f"--nccl-env {name}"
+    assert f"--secret {name}=SECRET/KEY" in str(info.value)
+    assert PLANTED not in str(info.value) + "".join(capsys.readouterr())
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"comet": {"enabled": True, "api_key": PLANTED}},
+        {"wandb": {"Api-Key": PLANTED}},
+        {"monitors": [{"name": "x", "hf_token": PLANTED}]},
+    ],
+    ids=["nested", "dashed-case", "in-a-list"],
+)
+def test_secret_looking_overrides_never_reach_the_configmap(
+    tmp_path: Path, overrides: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    raw = yaml.safe_load(recipe.read_text())
+    raw["deepspeed"] = {"config": "zero2", "overrides": overrides}
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out.yaml"
+    with pytest.raises(UserInputError) as info:
+        k8s.run(parse_args([str(recipe), "--out", str(out)]))
+    assert "deepspeed.overrides." in str(info.value) and "looks like a secret" in str(info.value)
+    assert PLANTED not in str(info.value) + "".join(capsys.readouterr())
+    assert not out.exists()
+    flag = ["--set", f"deepspeed.overrides.comet.api_key={PLANTED}", "--out", str(out)]
+    with pytest.raises(UserInputError, match="deepspeed.overrides.comet.api_key"):
+        k8s.run(parse_args([str(write_recipe(tmp_path, "b", output_dir="/nfs/b")), *flag]))
+    assert not out.exists()
+
+
+def test_nccl_env_given_twice_is_refused(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    argv = [str(recipe), "--nccl-env", "NCCL_DEBUG=INFO", "--nccl-env", "NCCL_DEBUG=WARN"]
+    with pytest.raises(UserInputError, match="given twice"):
+        k8s.run(parse_args(argv))
+    with pytest.raises(UserInputError) as info:
+        k8s.run(parse_args([str(recipe), "--nccl-env", f"={PLANTED}"]))
+    assert PLANTED not in str(info.value)
+
+
+def test_nccl_env_values_with_odd_characters_survive_the_manifest(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    value = "a=b c\n'\"#é"
+    docs, _ = render_cli([str(recipe), "--nccl-env", f"NCCL_X={value}"], tmp_path / "o.yaml")
+    _, rayjob = split(docs)
+    for pod in pod_specs(rayjob):
+        assert {"name": "NCCL_X", "value": value} in pod["containers"][0]["env"]
+
+
+def test_the_ray_cluster_is_closed_by_default_and_opened_only_on_request(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Token auth (KubeRay authOptions) and a NetworkPolicy; --open-dashboard drops both."""
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    docs, _ = render_cli([str(recipe), "--secret"], tmp_path / "closed.yaml")
+    _, rayjob = split(docs)
+    assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    policy = docs[2]
+    assert policy["spec"]["podSelector"]["matchLabels"] == rayjob["metadata"]["labels"]
+    capsys.readouterr()
+    docs, _ = render_cli([str(recipe), "--secret", "--open-dashboard"], tmp_path / "open.yaml")
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert "authOptions" not in docs[1]["spec"]["rayClusterSpec"]
+    assert "--open-dashboard" in capsys.readouterr().err
+    if CRD_DIR.is_dir():
+        assert schema_errors(docs[1]) == []
+
+
+def test_networkpolicy_check_catches_an_open_policy(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
+    docs, _ = render_cli([str(recipe)], tmp_path / "o.yaml")
+    rayjob, policy = docs[1], docs[2]
+    assert networkpolicy_problems(policy, rayjob) == []
+    for mutate in (
+        lambda p: p["spec"]["ingress"].append({}),
+        lambda p: p["spec"]["ingress"][0]["from"].append({"podSelector": {}}),
+        lambda p: p["spec"]["podSelector"]["matchLabels"].update({"extra": "x"}),
+        lambda p: p["spec"]["ingress"][1].pop("ports"),
+    ):
+        bad = copy.deepcopy(policy)
+        mutate(bad)
+        assert networkpolicy_problems(bad, rayjob) != []
+
+
 def test_override_reaches_the_configmap(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path)
     argv = [str(recipe), "--pvc", "s", "--set", "train.lr=0.000123"]
@@ -588,7 +748,7 @@ def test_stdout_without_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
     assert k8s.run(parse_args([str(recipe)])) == 0
     captured = capsys.readouterr()
-    assert [d["kind"] for d in yaml.safe_load_all(captured.out)] == ["ConfigMap", "RayJob"]
+    split(list(yaml.safe_load_all(captured.out)))
     assert "--pvc" in captured.err
 
 
@@ -629,7 +789,7 @@ def test_default_layout(tmp_path: Path) -> None:
 def test_render_manifests_api(tmp_path: Path) -> None:
     recipe = load_recipe(write_recipe(tmp_path, num_workers=2))
     docs = k8s.render_manifests(recipe, "r.yaml", "output_dir: x\n", k8s.K8sOptions(pvc="s"))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    split(docs)
     assert docs[0]["data"] == {"recipe.yaml": "output_dir: x\n"}
     assert list(yaml.safe_load_all(k8s.to_yaml(docs))) == docs
     assert "&id" not in k8s.to_yaml(docs), "shared objects must not become YAML anchors"
@@ -746,6 +906,10 @@ def test_cluster_manifest(where: str, doc: dict[str, Any]) -> None:
             assert schema_errors(doc) == []
     elif doc["kind"] == "ConfigMap":
         assert configmap_problems(doc) == []
+    elif doc["kind"] == "NetworkPolicy":
+        (rayjob,) = [d for w, d in cluster_docs() if w.split("#")[0] == where.split("#")[0]
+                     and d["kind"] == "RayJob"]  # fmt: skip
+        assert networkpolicy_problems(doc, rayjob) == []
     else:
         assert (doc["apiVersion"], doc["kind"]) == ("v1", "PersistentVolumeClaim")
         assert metadata_problems(doc["metadata"]) == []

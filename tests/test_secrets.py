@@ -1,0 +1,80 @@
+"""Secrets are never written down: one predicate, checked on the recipe, the DeepSpeed config
+and the check printout, with real files and the in-process CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.recipe import load_recipe
+from launcher.secret_env import is_secret_name, secret_key_paths
+from tests.conftest import ROOT, tiny_recipe, write_recipe
+
+PLANTED = "plantedSECRETvalue987"
+
+
+# --- one predicate ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["HF_TOKEN", "hf_token", "Api-Key", "apiKey", "api_key", "WANDB_API_KEY", "db.password",
+     "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "ssh_passphrase"],
+)  # fmt: skip
+def test_secret_looking_names_in_any_case_and_separator(name: str) -> None:
+    assert is_secret_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "NCCL_DEBUG", "max_tokens", "stage"]
+)
+def test_settings_are_not_secrets(name: str) -> None:
+    assert not is_secret_name(name)
+
+
+def test_no_shipped_deepspeed_preset_or_recipe_field_looks_secret() -> None:
+    for preset in sorted((ROOT / "ds_configs").glob("*.json")):
+        assert list(secret_key_paths(json.loads(preset.read_text()), preset.name)) == []
+    for recipe in sorted((ROOT / "recipes").rglob("*.yaml")):
+        dump = load_recipe(recipe).model_dump(mode="json")
+        assert list(secret_key_paths(dump, str(recipe))) == []
+
+
+# --- secrets never reach recipe.resolved.yaml, ds_config.json or the check printout ------
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["deepspeed.overrides.comet.api_key", "deepspeed.overrides.wandb.Api-Key",
+     "deepspeed.overrides.monitor.HF_TOKEN"],
+)  # fmt: skip
+def test_check_refuses_a_secret_override_without_printing_it(cli, tmp_path, override) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, out, err = cli("check", recipe, "--offline", "--set", f"{override}={PLANTED}")
+    assert code == 2
+    assert override in err and "looks like a secret" in err
+    assert PLANTED not in out + err
+
+
+def test_a_secret_in_the_recipe_file_is_refused_with_its_line(cli, tmp_path) -> None:
+    raw = tiny_recipe(tmp_path / "run", deepspeed={"overrides": {"comet": {"api_key": PLANTED}}})
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    code, out, err = cli("check", recipe, "--offline")
+    assert code == 2 and f"{recipe}:" in err and "deepspeed.overrides.comet.api_key" in err
+    assert PLANTED not in out + err
+
+
+def test_a_secret_in_a_deepspeed_json_file_never_reaches_the_run_directory(cli, tmp_path) -> None:
+    config = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    config["comet"] = {"enabled": True, "api_key": PLANTED}
+    path = tmp_path / "ds with space #1.json"
+    path.write_text(json.dumps(config))
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(run, deepspeed={"config": str(path)}))
+    code, out, err = cli("check", recipe, "--offline")
+    assert code == 2 and "comet.api_key looks like a secret" in err and str(path) in err
+    assert PLANTED not in out + err
+    code, out, err = cli(recipe, "--backend", "torchrun")
+    assert code == 2 and PLANTED not in out + err
+    assert not run.exists()
