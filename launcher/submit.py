@@ -183,6 +183,15 @@ def local_files(recipe: Recipe) -> dict[str, Path]:
     return files
 
 
+def refuse_shipped_secrets(recipe: Recipe, files: Mapping[str, Path]) -> None:
+    """A DeepSpeed JSON file is shipped in the working_dir, which the cluster stores: one that
+    holds a secret-looking key is refused here, before it leaves this machine."""
+    if "deepspeed.config" in files:
+        from launcher.ds_config import load_base_config, refuse_secrets
+
+        refuse_secrets(*load_base_config(recipe.deepspeed.config))
+
+
 def _exists(value: str) -> bool:
     try:
         return Path(value).exists()
@@ -401,6 +410,7 @@ def run(args: argparse.Namespace) -> int:
     recipe_path = Path(args.recipe)
     recipe_rel = recipe_in_working_dir(recipe_path)
     files = local_files(recipe)
+    refuse_shipped_secrets(recipe, files)
     client = connect(address)
     with staged_working_dir(recipe_path, recipe_rel, files) as working_dir:
         job = build_job(

@@ -284,3 +284,23 @@ def test_working_dir_holds_the_recipe_and_its_local_files(tmp_path, monkeypatch)
     (tmp_path.parent / "elsewhere.jsonl").write_text("{}\n")
     with pytest.raises(UserInputError, match="data.train.path"):
         submit.local_files(outside)
+
+
+def test_a_secret_never_leaves_in_the_entrypoint_or_the_working_dir(cli, tmp_path, monkeypatch):
+    """--set values travel in the job's entrypoint and a DeepSpeed JSON file in its
+    working_dir, both stored by the cluster: secret-looking keys are refused before connecting
+    (the address is a closed port), and the value is not echoed."""
+    monkeypatch.chdir(tmp_path)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    address = ["--address", "http://127.0.0.1:9"]
+    override = f"deepspeed.overrides.wandb.api_key={PLANTED}"
+    code, out, err = cli("submit", recipe, *address, "--set", override)
+    assert code == 2 and "deepspeed.overrides.wandb.api_key" in err
+    assert PLANTED not in out + err
+    config = json.loads((Path(__file__).parent.parent / "ds_configs" / "zero2.json").read_text())
+    (tmp_path / "ds.json").write_text(json.dumps(config | {"comet": {"API_KEY": PLANTED}}))
+    with_file = write_recipe(tmp_path / "f.yaml", tiny_recipe(tmp_path / "run",
+                             deepspeed={"config": "ds.json"}))  # fmt: skip
+    code, out, err = cli("submit", with_file, *address)
+    assert code == 2 and "comet.API_KEY looks like a secret" in err and "cannot reach" not in err
+    assert PLANTED not in out + err
