@@ -41,6 +41,7 @@ DASHBOARD_PORT = 8265
 # pods with this. The operator polls the job's status through the dashboard.
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 TOLERATION_EFFECTS = ("NoSchedule", "PreferNoSchedule", "NoExecute")
 
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -279,6 +280,13 @@ def container_env(recipe: Recipe, options: K8sOptions) -> list[dict[str, Any]]:
                     "looks like a secret, and its value would be written into the RayJob in "
                     f"plain text: create a Kubernetes Secret and pass --secret {name}=SECRET/KEY; "
                     + SECRETS_HELP,
+                )
+            if name in RAY_AUTH_ENV and not options.open_dashboard:
+                raise UserInputError(
+                    f"{where} {name}",
+                    "is set by KubeRay's token authentication (authOptions) in every Ray "
+                    "container; setting it here could turn authentication off or fight the "
+                    "operator's token",
                 )
             if name in seen:
                 raise UserInputError(where, f"{name} is already set by {seen[name]}")

@@ -818,6 +818,21 @@ BAD_INPUT: dict[str, tuple[dict[str, Any], list[str], str]] = {
     "nccl-env-shadows-env": (
         {"env": {"NCCL_DEBUG": "INFO"}}, ["--nccl-env", "NCCL_DEBUG=WARN"], "--nccl-env"
     ),
+    "secret-twice": (
+        {}, ["--secret", "HF_TOKEN=a/token", "--secret", "HF_TOKEN=b/token"], "--secret"
+    ),
+    "secret-as-nccl-env-and-secret": (
+        {}, ["--nccl-env", "HF_TOKEN=x", "--secret", "HF_TOKEN=a/token"], "--nccl-env HF_TOKEN"
+    ),
+    "auth-turned-off-by-nccl-env": (
+        {}, ["--nccl-env", "RAY_AUTH_MODE=disabled"], "--nccl-env RAY_AUTH_MODE"
+    ),
+    "auth-token-from-own-secret": (
+        {}, ["--secret", "RAY_AUTH_TOKEN=mine/token"], "--secret RAY_AUTH_TOKEN"
+    ),
+    "auth-turned-off-by-recipe-env": (
+        {"env": {"RAY_AUTH_MODE": "disabled"}}, [], "resources.env RAY_AUTH_MODE"
+    ),
     "bad-memory": ({}, ["--worker-memory", "lots"], "--worker-memory"),
     "bad-cpu": ({}, ["--head-cpu", "four"], "--head-cpu"),
     "bad-toleration": ({}, ["--toleration", "gpu:Sometimes"], "--toleration"),
