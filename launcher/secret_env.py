@@ -11,6 +11,7 @@ environment of the nodes it runs on (on Kubernetes: a Secret referenced by ``sec
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
@@ -27,11 +28,13 @@ _WORD_SEPARATOR = re.compile(r"[^A-Za-z0-9]+")
 def is_secret_name(name: str) -> bool:
     """HF_TOKEN, hf_token, WANDB_API_KEY, Api-Key, apiKey, AWS_SECRET_ACCESS_KEY, db.password.
 
-    The name is split into words at anything but a letter or digit, case ignored. A word that
+    The name is split into words at anything but a letter or digit, case and Unicode
+    compatibility forms (fullwidth letters) ignored. A word that
     ends with TOKEN, SECRET, PASSWORD, ... makes the name secret, so TOKENIZERS_PARALLELISM (a
     setting) passes; KEY counts in the last word only, so num_key_value_heads passes.
     """
-    words = [w for w in _WORD_SEPARATOR.split(name.upper()) if w]
+    plain = unicodedata.normalize("NFKC", name).upper()
+    words = [w for w in _WORD_SEPARATOR.split(plain) if w]
     if words and words[-1].endswith(LAST_SECRET_WORDS):
         return True
     return any(word.endswith(SECRET_WORDS) for word in words)

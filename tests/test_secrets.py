@@ -20,7 +20,8 @@ PLANTED = "plantedSECRETvalue987"
 @pytest.mark.parametrize(
     "name",
     ["HF_TOKEN", "hf_token", "Api-Key", "apiKey", "api_key", "WANDB_API_KEY", "db.password",
-     "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "ssh_passphrase"],
+     "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "ssh_passphrase",
+     "\uff21\uff30\uff29_\uff2b\uff25\uff39", "api key", "x.Token"],
 )  # fmt: skip
 def test_secret_looking_names_in_any_case_and_separator(name: str) -> None:
     assert is_secret_name(name)
