@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +55,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     """Apply ``a.b=value`` overrides; values are parsed as YAML so types coerce naturally."""
     for item in overrides:
         if "=" not in item:
-            raise UserInputError(f"--set {item}", "expected KEY=VALUE, e.g. train.lr=1e-4")
+            key = re.split(r"[:\s]", item.strip(), maxsplit=1)[0]  # not what may follow: a value
+            raise UserInputError(f"--set {key}", "expected KEY=VALUE, e.g. train.lr=1e-4")
         dotted, raw = item.split("=", 1)
         keys = dotted.strip().split(".")
         if not all(keys):
-            raise UserInputError(f"--set {item}", "empty key in dotted path")
+            raise UserInputError(f"--set {dotted}", "empty key in dotted path")
         target = data
         for key in keys[:-1]:
             child = target.get(key)
@@ -67,5 +69,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise UserInputError(f"--set {dotted}", f"'{key}' is not a section")
             target = child
-        target[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        target[keys[-1]] = _override_value(dotted, raw)
     return data
+
+
+def _override_value(dotted: str, raw: str) -> Any:
+    """The YAML value of ``--set dotted=raw``; the error names the key, never the value
+    (which may be a secret on its way to being refused)."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        column = f" at column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        raise UserInputError(
+            f"--set {dotted}", f"the value is not valid YAML{column} ({problem}); quote it"
+        ) from None

@@ -79,3 +79,24 @@ def test_a_secret_in_a_deepspeed_json_file_never_reaches_the_run_directory(cli, 
     code, out, err = cli(recipe, "--backend", "torchrun")
     assert code == 2 and PLANTED not in out + err
     assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    ("item", "where"),
+    [
+        (f"deepspeed.overrides.api_key=[{PLANTED}", "--set deepspeed.overrides.api_key"),
+        (f"deepspeed.overrides.api_key: {PLANTED}", "--set deepspeed.overrides.api_key"),
+        (f"a..b={PLANTED}", "--set a..b"),
+        (f"resources.env={{HF_TOKEN: {PLANTED}}}", "resources.env"),
+        (f"deepspeed.overrides={{Api-Key: {PLANTED}}}", "deepspeed.overrides.Api-Key"),
+        ("train.lr=@x", "--set train.lr"),
+    ],
+    ids=["bad-yaml", "no-equals", "empty-key", "env-as-mapping", "overrides-as-mapping", "at"],
+)
+def test_a_bad_or_secret_override_is_exit_2_and_never_echoed(cli, tmp_path, item, where) -> None:
+    """A --set value that is not YAML was a traceback quoting the value; now exit 2 naming
+    only the key."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, out, err = cli("check", recipe, "--offline", "--set", item)
+    assert code == 2 and where in err
+    assert PLANTED not in out + err
