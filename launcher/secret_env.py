@@ -15,9 +15,9 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
-SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS", "CREDENTIAL")
-# KEY counts only as the last word: API_KEY and apiKey are secrets, num_key_value_heads is not.
-LAST_SECRET_WORDS = ("KEY",)
+SECRET_WORDS = (
+    "TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS", "CREDENTIAL",
+)  # fmt: skip
 SECRETS_HELP = (
     "set it in the environment of the Ray nodes instead (on Kubernetes: a Secret, "
     "'ftlaunch k8s --secret'); see 'Secrets on the cluster' in README.md"
@@ -29,15 +29,13 @@ def is_secret_name(name: str) -> bool:
     """HF_TOKEN, hf_token, WANDB_API_KEY, Api-Key, apiKey, AWS_SECRET_ACCESS_KEY, db.password.
 
     The name is split into words at anything but a letter or digit, case and Unicode
-    compatibility forms (fullwidth letters) ignored. A word that
-    ends with TOKEN, SECRET, PASSWORD, ... makes the name secret, so TOKENIZERS_PARALLELISM (a
-    setting) passes; KEY counts in the last word only, so num_key_value_heads passes.
+    compatibility forms (fullwidth letters) ignored. Any word that ends with TOKEN, KEY,
+    SECRET, PASSWORD, ... makes the name secret (API_KEY_2 too), so TOKENIZERS_PARALLELISM
+    (a setting) passes. Erring on the side of refusing: a refused name costs a rename or a
+    Secret, a missed one leaks.
     """
     plain = unicodedata.normalize("NFKC", name).upper()
-    words = [w for w in _WORD_SEPARATOR.split(plain) if w]
-    if words and words[-1].endswith(LAST_SECRET_WORDS):
-        return True
-    return any(word.endswith(SECRET_WORDS) for word in words)
+    return any(word.endswith(SECRET_WORDS) for word in _WORD_SEPARATOR.split(plain) if word)
 
 
 def secret_key_paths(node: Any, prefix: str) -> Iterator[str]:
