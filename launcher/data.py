@@ -1,16 +1,21 @@
 """Data: read rows, render formats, tokenize with prompt masking, cache, sample and collate.
 
-Reading and encoding errors name ``file:line`` (JSON Lines) or ``file:row N`` (other formats).
-Tokenized splits are cached under a key hashing the data bytes, the tokenizer, and every
-setting that changes the tokens, so each node tokenizes once and every worker reuses it.
+Reading and encoding errors name ``file:line`` (JSON Lines, CSV) or ``file:row N`` (JSON,
+Parquet). Tokenized splits are cached under a key hashing the data bytes, the tokenizer's files,
+the chat template, the split seed and every setting that changes the tokens, so each node
+tokenizes once and every worker reuses it; an entry is verified against its checksums on load.
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
 import hashlib
+import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -25,7 +30,7 @@ from launcher.errors import UserInputError
 from launcher.recipe import DataSection, DataSource, LabelsSection
 
 IGNORE_INDEX = -100
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 
@@ -156,22 +161,44 @@ def local_files(source: DataSource) -> list[Path]:
     return [path]
 
 
-def read_rows(source: DataSource) -> list[Row]:
-    """Read every row of a source; JSON Lines keep their line numbers for error messages."""
+def numeric_fields(cfg: DataSection) -> tuple[str, ...]:
+    """Columns a CSV cell is read as a number from (a class index or a regression target);
+    every other CSV cell stays the text it is."""
+    return (cfg.fields.label,) if cfg.format == "classification" else ()
+
+
+def read_rows(source: DataSource, numeric: Sequence[str] = ()) -> list[Row]:
+    """Read every row of a source; JSON Lines and CSV rows keep their line numbers for error
+    messages. ``numeric`` names the CSV columns whose cells are numbers where they look like
+    one."""
     if not is_local(source):
         return _read_hub(source)
     rows: list[Row] = []
     for path in local_files(source):
         if path.suffix == ".jsonl":
             rows.extend(_read_jsonl(path))
+        elif path.suffix == ".csv":
+            rows.extend(_read_csv(path, frozenset(numeric)))
         else:
             rows.extend(_read_with_datasets(path))
     return rows
 
 
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
+
+
 def _read_jsonl(path: Path) -> Iterator[Row]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
+    """One JSON object per line; a UTF-8 byte-order mark, CRLF endings and blank lines are
+    fine; a line that is not UTF-8 or not an object is an error naming it."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode_line(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw,
+                                f"{path}:{number}")
             if not line.strip():
                 continue
             try:
@@ -179,8 +206,77 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             except json.JSONDecodeError as e:
                 raise UserInputError(f"{path}:{number}", f"malformed JSON: {e.msg}") from None
             if not isinstance(value, dict):
-                raise UserInputError(f"{path}:{number}", "each line must be a JSON object")
+                got = JSON_TYPES.get(type(value), type(value).__name__)
+                raise UserInputError(
+                    f"{path}:{number}", f"each line must be a JSON object, got {got}"
+                )
             yield Row(value, f"{path}:{number}")
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, raw[e.start : e.start + 1], e.start + 1) from None
+
+
+def _not_utf8(where: str, byte: bytes, column: int) -> UserInputError:
+    return UserInputError(
+        where, f"not UTF-8 text (byte {byte!r} at column {column}); save the file as UTF-8"
+    )
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as UTF-8 text, without a leading byte-order mark."""
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        byte, column = data[e.start : e.start + 1], e.start - line_start + 1
+        raise _not_utf8(f"{path}:{line}", byte, column) from None
+
+
+def _read_csv(path: Path, numeric: frozenset[str]) -> Iterator[Row]:
+    """CSV with a header line; cells are text (numbers only in ``numeric`` columns), quoted
+    fields may span lines, and every row is named by the line it starts on."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header, start = None, 1
+    try:
+        for cells in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not cells:
+                continue
+            if header is None:
+                header = cells
+                continue
+            if len(cells) != len(header):
+                raise UserInputError(
+                    where, f"{len(cells)} fields, but the header line has {len(header)}"
+                )
+            yield Row({k: _csv_cell(v) if k in numeric else v for k, v in zip(header, cells)},
+                      where)
+    except csv.Error as e:
+        raise UserInputError(f"{path}:{start}", f"malformed CSV: {e}") from None
+    if header is None:
+        raise UserInputError(str(path), "empty CSV file: it needs a header line naming the columns")
+
+
+def _csv_cell(value: str) -> int | float | str | None:
+    """A cell of a numeric column: an int or float where it reads as one, None when empty."""
+    text = value.strip()
+    if not text:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return value
 
 
 def _read_with_datasets(path: Path) -> list[Row]:
@@ -191,11 +287,7 @@ def _read_with_datasets(path: Path) -> list[Row]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         raise UserInputError(str(path), f"cannot read {builder} file: {e}") from None
-    first_line = 2 if builder == "csv" else None
-    return [
-        Row(r, f"{path}:{i + first_line}" if first_line else f"{path}:row {i}")
-        for i, r in enumerate(ds)
-    ]
+    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds)]
 
 
 def _read_hub(source: DataSource) -> list[Row]:
@@ -224,13 +316,24 @@ def _text_field(row: dict[str, Any], name: str, required: bool = True) -> str:
     return value
 
 
+PLACEHOLDER = re.compile(r"\{(instruction|input_block|input)\}")
+
+
+def fill_prompt(template: str, values: dict[str, str]) -> str:
+    """Replace the ``{instruction}``, ``{input}`` and ``{input_block}`` placeholders in one
+    pass; every other character, braces included, is literal text (a JSON example in a
+    prompt stays as written, and a row's text is never read as a placeholder)."""
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
 def encode_instruction(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Encoded:
     names = cfg.fields
     instruction = _text_field(row, names.instruction)
     extra = _text_field(row, names.input, required=False)
     output = _text_field(row, names.output)
     input_block = f"### Input:\n{extra}\n\n" if extra else ""
-    prompt = cfg.prompt_template.format(instruction=instruction, input=extra, input_block=input_block)
+    values = {"instruction": instruction, "input": extra, "input_block": input_block}
+    prompt = fill_prompt(cfg.prompt_template, values)
     prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     answer_ids = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = prompt_ids + answer_ids
@@ -269,24 +372,28 @@ def chat_messages(row: dict[str, Any], cfg: DataSection) -> list[dict[str, str]]
 def encode_chat(
     row: dict[str, Any], cfg: DataSection, tokenizer: Any, template: str | None
 ) -> Encoded:
-    """Render with the chat template; train on assistant turns, mask everything else.
+    """Render with the chat template; train on each assistant turn's content and its
+    end-of-turn, mask everything else (BOS, system and user turns, role headers).
 
-    Assistant spans are found by rendering growing prefixes of the conversation, so any
-    template that renders prefixes consistently works, without special template markers.
+    Spans are found by rendering growing prefixes of the conversation, so any template that
+    renders prefixes consistently works, without special template markers.
     """
     messages = chat_messages(row, cfg)
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
-    )
+
+    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
+            )
+        except Exception as e:  # jinja2 raises whatever the template's own code raises
+            raise RowError(f"the chat template cannot render this conversation: {e}") from None
+
     text = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, through = render(messages[:i], True) if i else "", render(messages[: i + 1])
-        if not text.startswith(through) or not through.startswith(before):
-            raise RowError("the chat template does not render conversation prefixes consistently")
-        spans.append((len(before), len(through)))
+    spans = [
+        assistant_span(render, messages, i, text)
+        for i, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if cfg.train_on_prompt:
@@ -298,17 +405,86 @@ def encode_chat(
     return Encoded(ids, labels)
 
 
+def assistant_span(
+    render: Any, messages: list[dict[str, str]], i: int, text: str
+) -> tuple[int, int]:
+    """Character span of assistant turn ``i`` in ``text``: from where its content starts to
+    the end of its turn.
+
+    The turn starts after the conversation before it rendered with the generation prompt (the
+    assistant header). A template that ignores add_generation_prompt (or cannot render an
+    empty conversation, for a first turn) renders that header inside the turn, so the
+    content is looked up inside the turn instead; a turn whose content cannot be found is
+    refused rather than trained with its header.
+    """
+    through = render(messages[: i + 1])
+    if not text.startswith(through):
+        raise RowError("the chat template does not render conversation prefixes consistently")
+    plain, prompted = _render_prefix(render, messages[:i])
+    if prompted is not None and prompted != plain and through.startswith(prompted):
+        return len(prompted), len(through)
+    base = len(plain) if plain is not None and through.startswith(plain) else 0
+    content = messages[i]["content"].strip()
+    at = through.find(content, base) if content else -1
+    if at < 0:
+        raise RowError(
+            f"cannot find assistant turn {i}'s content in what the chat template renders for "
+            "it, and the template adds no generation prompt to mark where it starts; use a "
+            "template that honours add_generation_prompt (data.chat_template)"
+        )
+    return at, len(through)
+
+
+def _render_prefix(render: Any, prefix: list[dict[str, str]]) -> tuple[str | None, str | None]:
+    """The conversation before a turn rendered without and with the generation prompt; None
+    for a rendering the template refuses (many cannot render an empty conversation)."""
+    out: list[str | None] = []
+    for gen in (False, True):
+        try:
+            out.append(render(prefix, gen))
+        except Exception:  # jinja2 raises anything a template's own code can raise
+            if prefix:
+                raise
+            out.append(None)
+    return out[0], out[1]
+
+
 def resolve_chat_template(cfg: DataSection, tokenizer: Any) -> str | None:
-    """The template to render chat data with, or an error if there is none."""
+    """The template to render chat data with (None: the tokenizer's own), or an error."""
     if cfg.chat_template:
-        path = Path(cfg.chat_template)
-        return path.read_text() if path.is_file() else cfg.chat_template
+        return read_chat_template(cfg.chat_template)
     if getattr(tokenizer, "chat_template", None):
         return None
     raise UserInputError(
         "data.chat_template",
         "the tokenizer has no chat template; name one (inline Jinja or a file path)",
     )
+
+
+def read_chat_template(value: str) -> str:
+    """data.chat_template: the file it names, else inline Jinja. A value that names no file
+    and holds no Jinja tag is an error (a mistyped path is never rendered as literal text)."""
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. an inline template longer than a file name may be
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserInputError("data.chat_template", f"cannot read {value}: {e}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise UserInputError(
+        "data.chat_template",
+        f"'{_shorten(value)}' is neither an existing file nor a Jinja template "
+        "({{ ... }} or {% ... %})",
+    )
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def encode_rows(
@@ -356,30 +532,60 @@ def encode_rows(
 # ---------------------------------------------------------------- preparation + cache
 
 
-def _hash_source(h: Any, source: DataSource) -> None:
-    if is_local(source):
-        for path in local_files(source):
-            h.update(str(path.resolve()).encode())
+def _hash_source(h: Any, source: DataSource) -> bool:
+    """Feed a source's identity into ``h``: local files by name and contents, a hub dataset
+    by its pinned revision. False for a hub dataset without a revision, whose contents may
+    change under the same name (it is read afresh every time, not cached)."""
+    if not is_local(source):
+        h.update(json.dumps([source.path, source.subset, source.split, source.revision]).encode())
+        return source.revision is not None
+    for path in local_files(source):
+        h.update(str(path.resolve()).encode() + b"\0")
+        try:
             with path.open("rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
                     h.update(chunk)
-    else:
-        h.update(json.dumps([source.path, source.subset, source.split, source.revision]).encode())
+        except OSError as e:
+            raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+        h.update(b"\0")
+    return True
 
 
-def cache_key(cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None) -> str:
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of everything that decides how a tokenizer encodes: the files it saves (vocab,
+    merges or sentencepiece model, added and special tokens, normalizer and post-processor,
+    its config), fast or slow alike, plus its class and its in-memory special tokens (the
+    pad token ftlaunch may set)."""
+    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    with tempfile.TemporaryDirectory(prefix="ftlaunch-tok-") as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    h.update(repr(sorted((i, str(t)) for i, t in tokenizer.added_tokens_decoder.items())).encode())
+    return h.hexdigest()
+
+
+def cache_key(
+    cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None, seed: int = 0
+) -> str | None:
+    """A hash of everything that changes the tokenized splits, or None when they cannot be
+    identified (a hub dataset without a pinned revision) and must not be cached."""
     h = hashlib.sha256(CACHE_VERSION.encode())
     for source in (cfg.train, cfg.validation):
-        if source is not None:
-            _hash_source(h, source)
-    h.update(tokenizer.backend_tokenizer.to_str().encode() if tokenizer.is_fast else b"slow")
-    h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
-    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+        if source is not None and not _hash_source(h, source):
+            return None
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    if cfg.format == "chat":
+        h.update(str(resolve_chat_template(cfg, tokenizer) or tokenizer.chat_template).encode())
     relevant = cfg.model_dump(exclude={"packing", "shuffle", "cache_dir"})
+    if cfg.val_fraction > 0:
+        relevant["split_seed"] = seed  # which rows are held out
     h.update(json.dumps(relevant, sort_keys=True).encode())
     if labels is not None:
         h.update(json.dumps(labels.model_dump(mode="json"), sort_keys=True).encode())
-    return h.hexdigest()[:24]
+    return h.hexdigest()[:32]
 
 
 def default_cache_dir() -> Path:
@@ -389,23 +595,25 @@ def default_cache_dir() -> Path:
 def prepare_data(
     cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None = None
 ) -> PreparedData:
-    """Read, validate and tokenize train/validation, through the cache when it is warm."""
-    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    entry = cache_root / cache_key(cfg, tokenizer, labels)
-    if (entry / "meta.json").is_file():
-        meta = json.loads((entry / "meta.json").read_text())
-        val = TokenizedSplit.load(entry / "validation.npz") if meta["has_validation"] else None
-        stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
-        return PreparedData(TokenizedSplit.load(entry / "train.npz"), val, stats)
+    """Read, validate and tokenize train/validation, through the cache when it is warm. An
+    entry that fails its checksums is rebuilt, never used."""
+    key = cache_key(cfg, tokenizer, labels, seed)
+    if key is None:
+        return _tokenize_all(cfg, tokenizer, seed, labels)
+    entry = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / key
+    cached = read_cache(entry)
+    if cached is not None:
+        return cached
     prepared = _tokenize_all(cfg, tokenizer, seed, labels)
     _write_cache(entry, prepared)
     return prepared
 
 
 def _split_rows(cfg: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
-    train_rows = read_rows(cfg.train)
+    numeric = numeric_fields(cfg)
+    train_rows = read_rows(cfg.train, numeric)
     if cfg.validation is not None:
-        return train_rows, read_rows(cfg.validation)
+        return train_rows, read_rows(cfg.validation, numeric)
     if cfg.val_fraction > 0:
         order = np.random.default_rng(seed).permutation(len(train_rows))
         n_val = max(1, int(round(cfg.val_fraction * len(train_rows))))
@@ -438,26 +646,87 @@ def _tokenize_all(
     return PreparedData(TokenizedSplit.from_examples(train), validation, stats)
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_cache(entry: Path) -> PreparedData | None:
+    """The cached splits, or None when the entry is missing or does not match the checksums
+    its meta.json records (a crash mid-write, a truncated or altered file): it is rebuilt."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        for name, digest in meta["files"].items():
+            if _sha256(entry / name) != digest:
+                return None
+        train = TokenizedSplit.load(entry / "train.npz")
+        val = TokenizedSplit.load(entry / "validation.npz") if meta["has_validation"] else None
+        stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
+    except (OSError, ValueError, KeyError, TypeError):  # absent, garbled or from another version
+        return None
+    if not all(_consistent(split) for split in (train, val) if split is not None):
+        return None
+    return PreparedData(train, val, stats)
+
+
+def _consistent(split: TokenizedSplit) -> bool:
+    offsets = split.offsets
+    return (
+        len(offsets) >= 1 and int(offsets[0]) == 0 and bool(np.all(np.diff(offsets) >= 0))
+        and int(offsets[-1]) == len(split.input_ids) == len(split.labels)
+    )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_cache(entry: Path, prepared: PreparedData) -> None:
-    """Write into a temp dir beside the entry and rename, so readers never see half a cache."""
+    """Write into a temp dir beside the entry, fsync, and rename, so no reader (and no later
+    run after a crash) sees half a cache; a corrupt entry in the way is replaced."""
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
     try:
+        names = ["train.npz"]
         prepared.train.save(tmp / "train.npz")
         if prepared.validation is not None:
             prepared.validation.save(tmp / "validation.npz")
+            names.append("validation.npz")
         meta = {
             "has_validation": prepared.validation is not None,
             "stats": {k: v.__dict__ for k, v in prepared.stats.items()},
+            "files": {name: _sha256(tmp / name) for name in names},
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
-        try:
-            tmp.rename(entry)
-        except OSError:
-            if not (entry / "meta.json").is_file():
-                raise
+        for name in [*names, "meta.json"]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        _move_into_place(tmp, entry)
+        _fsync(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, entry: Path) -> None:
+    """Rename ``tmp`` to ``entry``; an intact entry another process wrote first wins, a
+    corrupt one (never used) is moved aside and removed."""
+    try:
+        tmp.rename(entry)
+        return
+    except OSError:
+        if read_cache(entry) is not None:
+            return
+    stale = entry.with_name(f".{entry.name}.stale.{os.getpid()}")
+    entry.rename(stale)
+    shutil.rmtree(stale, ignore_errors=True)
+    tmp.rename(entry)
 
 
 # ---------------------------------------------------------------- packing

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from launcher.classification import head_module_names, infer_label_names
-from launcher.data import PreparedData, pack_examples, prepare_data, read_rows
+from launcher.data import PreparedData, numeric_fields, pack_examples, prepare_data, read_rows
 from launcher.distill import check_teacher
 from launcher.ds_config import resolve_ds_config, zero_stage
 from launcher.early_stop import reported_metrics
@@ -47,7 +47,11 @@ def _absolute(value: str | None) -> str | None:
     if value is None:
         return None
     path = Path(value).expanduser()
-    return str(path.resolve()) if path.exists() else value
+    try:
+        exists = path.exists()
+    except OSError:  # not a usable path at all, e.g. an inline chat template
+        exists = False
+    return str(path.resolve()) if exists else value
 
 
 def _absolute_source(source: DataSource | None) -> DataSource | None:
@@ -101,7 +105,8 @@ def with_label_names(recipe: Recipe) -> Recipe:
     labels = recipe.labels
     if labels is None or labels.names is not None or labels.problem_type == "regression":
         return recipe
-    names = infer_label_names(read_rows(recipe.data.train), recipe.data.format, recipe.data.fields)
+    rows = read_rows(recipe.data.train, numeric_fields(recipe.data))
+    names = infer_label_names(rows, recipe.data.format, recipe.data.fields)
     return recipe.model_copy(update={"labels": labels.model_copy(update={"names": names})})
 
 

@@ -233,8 +233,9 @@ class DataSection(Section):
     )
     prompt_template: str = Field(
         "### Instruction:\n{instruction}\n\n{input_block}### Response:\n",
-        description="instruction format: how the prompt is rendered; {input_block} is "
-        "'### Input:\\n{input}\\n\\n' when the row has an input, else empty.",
+        description="instruction format: how the prompt is rendered. {instruction}, {input} "
+        "and {input_block} are replaced ({input_block} is '### Input:\\n{input}\\n\\n' when "
+        "the row has an input, else empty); every other character, braces included, is literal.",
     )
     train_on_prompt: bool = Field(False, description="Train on prompt tokens too.")
     max_length: PositiveInt = Field(2048, description="Maximum tokens per example.")
@@ -265,6 +266,8 @@ class DataSection(Section):
     def _one_validation(self) -> DataSection:
         if self.validation is not None and self.val_fraction > 0:
             raise ValueError("set data.validation or data.val_fraction, not both")
+        if self.format == "instruction" and "{instruction}" not in self.prompt_template:
+            raise ValueError("data.prompt_template: must contain the {instruction} placeholder")
         return self
 
 
@@ -605,6 +608,19 @@ class Recipe(Section):
             raise ValueError("labels.problem_type: token_classification is single_label")
         if self.data.packing and self.task != "causal_lm":
             raise ValueError("data.packing: packing is for causal_lm only")
+        if self.data.packing and self.method in ("prompt_tuning", "prefix_tuning"):
+            raise ValueError(
+                f"data.packing: not with method: {self.method}, whose virtual tokens would be "
+                "shared by every example packed into a row; set data.packing: false"
+            )
+        if self.eval.exact_match is not None and (
+            self.data.format not in ("instruction", "chat") or self.data.train_on_prompt
+        ):
+            raise ValueError(
+                "eval.exact_match: decodes an answer from its prompt, so it needs data.format "
+                "instruction or chat with data.train_on_prompt: false (here format "
+                f"{self.data.format}, train_on_prompt {str(self.data.train_on_prompt).lower()})"
+            )
         expected = self.train.micro_batch_size * self.train.grad_accum * self.resources.num_workers
         if self.train.global_batch_size is not None and self.train.global_batch_size != expected:
             raise ValueError(

@@ -239,8 +239,13 @@ def prompt_and_target(ids: np.ndarray, labels: np.ndarray) -> tuple[list[int], l
 def exact_match(
     engine: Any, split: TokenizedSplit, rank: Rank, num: int, max_new: int, pad_id: int, sync: bool
 ) -> float:
-    """Greedy-decode validation prompts; a hit reproduces the whole target, stop token included."""
-    mine = list(range(min(num, len(split))))[rank.rank :: rank.world]
+    """Greedy-decode validation prompts; a hit reproduces the whole target, stop token included.
+
+    Of the first ``num`` examples, those whose first token is trained have no prompt to
+    decode from and are left out (the recipe check refuses the settings that make them)."""
+    candidates = range(min(num, len(split)))
+    prompted = [i for i in candidates if split.example(i)[1][0] == IGNORE_INDEX]
+    mine = prompted[rank.rank :: rank.world]
     size = 16
     rounds = all_reduce(torch.tensor(math.ceil(len(mine) / size), device=rank.device), dist.ReduceOp.MAX)
     hits = torch.zeros(2, dtype=torch.float64, device=rank.device)
