@@ -145,7 +145,9 @@ def has_marker(ckpt: Path) -> bool:
     return (ckpt / MARKER).exists() or (ckpt / MARKER).is_symlink()
 
 
-def stray_files(ckpt: Path, manifest: dict[str, Any], nested: tuple[str, ...] = (UNIVERSAL,)) -> list[str]:
+def stray_files(
+    ckpt: Path, manifest: dict[str, Any], nested: tuple[str, ...] = (UNIVERSAL,)
+) -> list[str]:
     """Files present but not in the manifest. A ``nested`` folder (``universal/``) is left to
     its own manifest."""
     listed = set(manifest["files"]) | {MARKER}
@@ -195,7 +197,8 @@ def problem(ckpt: Path) -> str | None:
     manifest = read_manifest(ckpt)
     if manifest is None:
         return f"{MARKER} is missing, unreadable or malformed"
-    return structure_problem(ckpt, manifest) or check_files(ckpt, manifest, sorted(manifest["files"]))
+    whole = structure_problem(ckpt, manifest)
+    return whole or check_files(ckpt, manifest, sorted(manifest["files"]))
 
 
 def tree_problem(root: Path) -> str | None:
@@ -274,7 +277,8 @@ def newest_valid(
     """
     seen, source = saved(candidates(run_dir), warn), str(checkpoints_dir(run_dir))
     if not seen and fallback is not None:
-        seen, source = saved(outside_candidates(fallback), warn), f"checkpoint.resume_from: {fallback}"
+        seen = saved(outside_candidates(fallback), warn)
+        source = f"checkpoint.resume_from: {fallback}"
     for cand in seen:
         found = list(dict.fromkeys(p for p in gather(rank_problem(cand.path, rank, world)) if p))
         if not found:
@@ -322,7 +326,8 @@ def to_universal(ckpt: Path, warn: Callable[[str], None]) -> Path:
             return target
         aside = ckpt.parent / f".{ckpt.name}.universal.rejected.{time.time_ns()}"
         target.rename(aside)
-        warn(f"{target} is not a verified conversion ({wrong}); moved it to {aside} and converting again")
+        warn(f"{target} is not a verified conversion ({wrong}); moved it to {aside} and "
+             "converting again")
     staging = Path(tempfile.mkdtemp(dir=ckpt.parent, prefix=f".{ckpt.name}.universal."))
     out = staging / "out"
     try:
@@ -365,7 +370,8 @@ def remove_checkpoint(ckpt: Path) -> list[str]:
             (ckpt / name).unlink(missing_ok=True)
         else:
             left.append(name)
-    for folder in sorted((p for p in ckpt.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+    folders = [p for p in ckpt.rglob("*") if p.is_dir() and not p.is_symlink()]
+    for folder in sorted(folders, reverse=True):
         _rmdir_if_empty(folder)
     _rmdir_if_empty(ckpt)
     return left

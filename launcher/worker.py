@@ -540,7 +540,8 @@ def write_probe(engine: Any, run_dir: Path, rank: Rank, tokenizer: Any, step: in
     engine.train()
     if rank.rank == 0:
         tmp = run_dir / f".{PROBE}.tmp"
-        save_file({"input_ids": ids.cpu(), "logits": logits}, str(tmp), metadata={"step": str(step)})
+        tensors = {"input_ids": ids.cpu(), "logits": logits}
+        save_file(tensors, str(tmp), metadata={"step": str(step)})
         os.replace(tmp, run_dir / PROBE)
 
 

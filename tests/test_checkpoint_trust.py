@@ -56,7 +56,8 @@ class _Payload:
 
 def plant(path: Path, marker: Path) -> None:
     """A real torch pickle that would create ``marker`` if anything unpickled it."""
-    torch.save({"module": {}, "evil": _Payload(marker)}, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    evil = {"module": {}, "evil": _Payload(marker)}
+    torch.save(evil, path, pickle_protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def recommit(step_dir: Path) -> None:

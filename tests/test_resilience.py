@@ -282,7 +282,8 @@ def test_worker_sigkill_restarts_and_matches_uninterrupted(reference, cli, tmp_p
 def _runs(proc: psutil.Process, run_dir: Path) -> bool:
     """A Ray Train worker of this run (its environment carries the run's tag)."""
     try:
-        return proc.environ().get("FTLAUNCH_TEST_RUN") == str(run_dir) and "RayTrainWorker" in " ".join(proc.cmdline())
+        tagged = proc.environ().get("FTLAUNCH_TEST_RUN") == str(run_dir)
+        return tagged and "RayTrainWorker" in " ".join(proc.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
 
