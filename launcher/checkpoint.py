@@ -3,7 +3,10 @@
 A checkpoint is ``<run>/checkpoints/step_XXXXXXXX/``: DeepSpeed's engine state written by every
 rank, each rank's RNG state, and last a ``COMMITTED.json`` manifest (every file's size and
 sha256) written atomically by rank 0 after all ranks have flushed and hashed their share of
-the files. A directory without a valid manifest is ignored at resume time, never trusted.
+the files. A directory without a manifest is an interrupted save: it never counts as a checkpoint. A
+committed directory is trusted only when its files are exactly the manifest's (a stray file is
+refused, since DeepSpeed's loaders pick files by glob), each matches its size and checksum, and
+no pickle among them would import anything beyond tensors and DeepSpeed's own state classes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,14 @@ MARKER = "COMMITTED.json"
 BEST = "best.json"  # in checkpoints/: the step of the best evaluation (eval.early_stopping)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL = "universal"
+TRAINER_STATE = "trainer_state.json"
+# The files one save writes, by name: what an interrupted (uncommitted) save may be cleared of.
+SAVE_FILE_RE = re.compile(
+    r"^((bf16_)?zero_pp_rank_\d+_mp_rank_\d+_(optim|model)_states\.pt"
+    r"|mp_rank_\d+_model_states\.pt|rng_rank\d{5}\.safetensors|trainer_state\.json)$"
+)
+# Files no loader unpickles; every other file is scanned before anything reads it.
+NOT_PICKLES = (".json", ".safetensors")
 # Non-tensor classes DeepSpeed pickles into its checkpoints. Anything else in a pickle could
 # run code when loaded, so such a checkpoint is refused before any loader sees it.
 ALLOWED_GLOBALS = frozenset({
@@ -73,8 +84,13 @@ def sha256_file(path: Path) -> str:
 
 
 def payload_files(ckpt: Path) -> list[str]:
+    return sorted(name for name in present_files(ckpt) if name != MARKER)
+
+
+def present_files(root: Path) -> list[str]:
+    """Every file, link or other non-directory under ``root``, as a relative POSIX path."""
     return sorted(
-        str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and p.name != MARKER
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() or not p.is_dir()
     )
 
 
@@ -100,11 +116,61 @@ def commit(ckpt: Path, entries: dict[str, dict[str, Any]], info: dict[str, Any])
 
 
 def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+    """The manifest, or None when there is none or it is not one (unreadable, malformed, or
+    naming a file outside the directory)."""
     try:
         manifest = json.loads((ckpt / MARKER).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    return manifest if isinstance(manifest, dict) and "files" in manifest else None
+    return manifest if well_formed(manifest) else None
+
+
+def well_formed(manifest: Any) -> bool:
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return False
+    return all(
+        safe_name(name) and isinstance(entry, dict) and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        for name, entry in manifest["files"].items()
+    )
+
+
+def safe_name(name: Any) -> bool:
+    parts = name.split("/") if isinstance(name, str) else []
+    return bool(parts) and name != MARKER and all(p not in ("", ".", "..") for p in parts)
+
+
+def has_marker(ckpt: Path) -> bool:
+    """A commit was written: from then on the directory is a checkpoint, intact or not."""
+    return (ckpt / MARKER).exists() or (ckpt / MARKER).is_symlink()
+
+
+def stray_files(
+    ckpt: Path, manifest: dict[str, Any], nested: tuple[str, ...] = (UNIVERSAL,)
+) -> list[str]:
+    """Files present but not in the manifest. A ``nested`` folder (``universal/``) is left to
+    its own manifest."""
+    listed = set(manifest["files"]) | {MARKER}
+    return [
+        name for name in present_files(ckpt)
+        if name not in listed and not (name.split("/")[0] in nested and "/" in name)
+    ]
+
+
+def structure_problem(ckpt: Path, manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the directory as a whole: files the manifest does not name, or files
+    a resume needs (the trainer state, every rank's RNG state) that it lacks."""
+    stray = stray_files(ckpt, manifest)
+    if stray:
+        return (f"{stray[0]} is not in its {MARKER} (a file ftlaunch did not commit; "
+                f"{len(stray)} such file(s)); refusing to load anything from it")
+    world = manifest.get("world_size")
+    if not isinstance(world, int) or world < 1:
+        return f"{MARKER} does not record the world size"
+    for name in (TRAINER_STATE, *(rng_name(r) for r in range(world))):
+        if name not in manifest["files"]:
+            return f"{name} is missing from the checkpoint"
+    return None
 
 
 def check_files(ckpt: Path, manifest: dict[str, Any], names: Sequence[str]) -> str | None:
@@ -112,6 +178,8 @@ def check_files(ckpt: Path, manifest: dict[str, Any], names: Sequence[str]) -> s
     for name in names:
         expected = manifest["files"][name]
         path = ckpt / name
+        if path.is_symlink():
+            return f"{name} is a symbolic link"
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != expected["size"]:
@@ -124,10 +192,31 @@ def check_files(ckpt: Path, manifest: dict[str, Any], names: Sequence[str]) -> s
     return None
 
 
+def problem(ckpt: Path) -> str | None:
+    """Everything checked, by one process: the manifest, the file set, every file."""
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        return f"{MARKER} is missing, unreadable or malformed"
+    whole = structure_problem(ckpt, manifest)
+    return whole or check_files(ckpt, manifest, sorted(manifest["files"]))
+
+
+def tree_problem(root: Path) -> str | None:
+    """Like :func:`problem`, for a directory that has no nested parts (``universal/``)."""
+    manifest = read_manifest(root)
+    if manifest is None:
+        return f"{MARKER} is missing, unreadable or malformed"
+    stray = stray_files(root, manifest, nested=())
+    if stray:
+        return f"{stray[0]} is not in its {MARKER}"
+    return check_files(root, manifest, sorted(manifest["files"]))
+
+
 def unsafe_globals(path: Path) -> list[str]:
     """Globals a torch pickle would import beyond tensors and DeepSpeed's own state classes.
-    Scanned from the pickle's opcodes: nothing in the file is executed."""
-    if path.suffix not in (".pt", ".pth", ".bin"):
+    Scanned from the pickle's opcodes: nothing in the file is executed. Every file but JSON
+    and safetensors is treated as a pickle, whatever its name."""
+    if path.suffix in NOT_PICKLES:
         return []
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -162,35 +251,55 @@ def committed(run_dir: Path) -> list[Candidate]:
 Gather = Callable[[str | None], list[str | None]]
 
 
+def saved(found: Sequence[Candidate], warn: Callable[[str], None]) -> list[Candidate]:
+    """The candidates a commit was written for; interrupted saves are ignored, with a warning."""
+    kept = []
+    for cand in found:
+        if has_marker(cand.path):
+            kept.append(cand)
+        else:
+            warn(f"skipping {cand.path}: not committed (a save was interrupted)")
+    return kept
+
+
 def newest_valid(
     run_dir: Path, rank: int, world: int, gather: Gather, warn: Callable[[str], None],
     fallback: Path | None = None,
 ) -> Candidate | None:
-    """The newest committed checkpoint whose files all match their manifest.
+    """The newest committed checkpoint that is whole and matches its manifest.
 
-    Each rank verifies its share of the files; ``gather`` collects every rank's finding
-    (None when its share is intact), so every rank picks the same checkpoint. Uncommitted or
-    corrupt ones are skipped with a warning. If checkpoints exist but none is valid, that is
-    an error: silently starting from scratch would throw away the run.
+    Rank 0 checks the directory's file set; each rank verifies its share of the files;
+    ``gather`` collects every rank's finding (None when intact), so every rank picks the same
+    checkpoint. Corrupt ones are skipped with a warning. Interrupted saves never count:
+    without a commit in ``run_dir``, ``fallback`` (checkpoint.resume_from) is looked at. If
+    committed checkpoints exist but none is intact, that is an error: silently starting from
+    scratch would throw away the run.
     """
-    seen = candidates(run_dir) or (outside_candidates(fallback) if fallback else [])
+    seen, source = saved(candidates(run_dir), warn), str(checkpoints_dir(run_dir))
+    if not seen and fallback is not None:
+        seen = saved(outside_candidates(fallback), warn)
+        source = f"checkpoint.resume_from: {fallback}"
     for cand in seen:
-        manifest = read_manifest(cand.path)
-        if manifest is None:
-            warn(f"skipping {cand.path}: not committed (a save was interrupted)")
-            continue
-        problems = gather(check_files(cand.path, manifest, share(sorted(manifest["files"]), rank, world)))
-        found = [p for p in problems if p is not None]
+        found = list(dict.fromkeys(p for p in gather(rank_problem(cand.path, rank, world)) if p))
         if not found:
             return cand
         warn(f"skipping {cand.path}: {'; '.join(found)}")
     if seen:
         raise UserInputError(
-            str(checkpoints_dir(run_dir)),
+            source,
             "checkpoints exist but none is committed and intact; refusing to start from "
             "scratch over them (move them away to start a new run)",
         )
     return None
+
+
+def rank_problem(ckpt: Path, rank: int, world: int) -> str | None:
+    """This rank's part of verifying ``ckpt``: rank 0 the whole directory, each its files."""
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        return f"{MARKER} is unreadable or malformed"
+    whole = structure_problem(ckpt, manifest) if rank == 0 else None
+    return whole or check_files(ckpt, manifest, share(sorted(manifest["files"]), rank, world))
 
 
 def outside_candidates(path: Path) -> list[Candidate]:
@@ -201,35 +310,87 @@ def outside_candidates(path: Path) -> list[Candidate]:
     return candidates(path)
 
 
-def to_universal(ckpt: Path) -> Path:
-    """Convert a checkpoint to DeepSpeed's universal format (loadable at any world size),
-    once; the result lives in ``<ckpt>/universal`` and appears there only when complete."""
+def to_universal(ckpt: Path, warn: Callable[[str], None]) -> Path:
+    """Convert a verified checkpoint to DeepSpeed's universal format (loadable at any world
+    size), once. The result lives in ``<ckpt>/universal`` with its own manifest and appears
+    there only when complete. An existing one is reused only if it matches that manifest;
+    otherwise it is set aside (kept, never loaded) and the conversion redone."""
     import subprocess
     import sys
     import tempfile
 
     target = ckpt / UNIVERSAL
-    if target.is_dir():
-        return target
-    staging = Path(tempfile.mkdtemp(dir=ckpt, prefix=".universal."))
+    if target.exists() or target.is_symlink():
+        wrong = tree_problem(target)
+        if wrong is None:
+            return target
+        aside = ckpt.parent / f".{ckpt.name}.universal.rejected.{time.time_ns()}"
+        target.rename(aside)
+        warn(f"{target} is not a verified conversion ({wrong}); moved it to {aside} and "
+             "converting again")
+    staging = Path(tempfile.mkdtemp(dir=ckpt.parent, prefix=f".{ckpt.name}.universal."))
+    out = staging / "out"
     try:
         subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-             "--input_folder", str(ckpt), "--output_folder", str(staging / "out")],
+             "--input_folder", str(ckpt), "--output_folder", str(out)],
             check=True, capture_output=True, text=True,
         )
-        (staging / "out").rename(target)
+        commit(out, flush_and_hash(out, payload_files(out)), {"converted_from": ckpt.name})
+        out.rename(target)
     except subprocess.CalledProcessError as e:
         raise RuntimeError(f"universal conversion of {ckpt} failed:\n{e.stderr[-2000:]}") from None
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # mkdtemp made it: only ftlaunch's files
     return target
 
 
-def retain(run_dir: Path, keep_last: int, keep: Sequence[int] = ()) -> list[Path]:
+def ours(ckpt: Path) -> set[str]:
+    """The files in a step directory that ftlaunch wrote: a committed one's manifest (and its
+    verified conversion's), or for an interrupted save the files a save writes, by name."""
+    manifest = read_manifest(ckpt)
+    if manifest is None:
+        return {n for n in present_files(ckpt) if "/" not in n and SAVE_FILE_RE.match(n)} | {MARKER}
+    names = set(manifest["files"]) | {MARKER}
+    universal = read_manifest(ckpt / UNIVERSAL)
+    if universal is not None:
+        names |= {f"{UNIVERSAL}/{n}" for n in [*universal["files"], MARKER]}
+    return names
+
+
+def remove_checkpoint(ckpt: Path) -> list[str]:
+    """Delete what ftlaunch wrote in ``ckpt`` (the commit marker first, so a crash midway
+    leaves an uncommitted directory, never a corrupt committed one), then the directories
+    left empty. Returns the files left because ftlaunch did not write them."""
+    mine = ours(ckpt)
+    (ckpt / MARKER).unlink(missing_ok=True)
+    left = []
+    for name in present_files(ckpt):
+        if name in mine:
+            (ckpt / name).unlink(missing_ok=True)
+        else:
+            left.append(name)
+    folders = [p for p in ckpt.rglob("*") if p.is_dir() and not p.is_symlink()]
+    for folder in sorted(folders, reverse=True):
+        _rmdir_if_empty(folder)
+    _rmdir_if_empty(ckpt)
+    return left
+
+
+def _rmdir_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
+
+
+def retain(
+    run_dir: Path, keep_last: int, keep: Sequence[int] = (), warn: Callable[[str], None] = print
+) -> list[Path]:
     """Delete committed checkpoints beyond the newest ``keep_last`` (except the steps in
     ``keep``, e.g. the best one) and interrupted saves older than the newest commit. Never
-    touches the newest committed checkpoint."""
+    touches the newest committed checkpoint, nor a file ftlaunch did not write. Returns the
+    directories removed."""
     done = committed(run_dir)
     if not done:
         return []
@@ -238,9 +399,14 @@ def retain(run_dir: Path, keep_last: int, keep: Sequence[int] = ()) -> list[Path
     doomed += [
         c.path for c in candidates(run_dir) if c.step < newest and read_manifest(c.path) is None
     ]
+    removed = []
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
-    return doomed
+        left = remove_checkpoint(path)
+        if left:
+            warn(f"kept {path}: it holds files ftlaunch did not write ({', '.join(left[:3])})")
+        else:
+            removed.append(path)
+    return removed
 
 
 def write_best(run_dir: Path, step: int, metric: str, value: float) -> None:
@@ -268,19 +434,27 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def rng_name(rank: int) -> str:
+    return f"rng_rank{rank:05d}.safetensors"
+
+
 def save_rng(ckpt: Path, rank: int) -> None:
     from safetensors.torch import save_file
 
-    save_file(rng_state(), str(ckpt / f"rng_rank{rank:05d}.safetensors"))
+    save_file(rng_state(), str(ckpt / rng_name(rank)))
 
 
-def load_rng(ckpt: Path, rank: int) -> None:
+def load_rng(ckpt: Path, rank: int, saved_world: int) -> bool:
+    """Restore this rank's RNG state; False for a rank the checkpoint's run did not have (it
+    keeps the stream it was seeded with). The file is required otherwise: verification
+    refuses a checkpoint that lacks one."""
     from safetensors.torch import load_file
 
-    path = ckpt / f"rng_rank{rank:05d}.safetensors"
-    if path.is_file():
-        restore_rng(load_file(str(path)))
+    if rank >= saved_world:
+        return False
+    restore_rng(load_file(str(ckpt / rng_name(rank))))
+    return True
 
 
 def trainer_state_path(ckpt: Path) -> Path:
-    return ckpt / "trainer_state.json"
+    return ckpt / TRAINER_STATE

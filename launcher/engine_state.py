@@ -9,7 +9,6 @@ changed since it was written.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +49,7 @@ def find_resume_point(run_dir: Path, cfg: CheckpointSection, rank: Rank) -> Resu
     rank.log(f"{found.path} was written by {saved_world} ranks, resuming on {rank.world}: "
              "converting it to a universal checkpoint")
     if rank.rank == 0:
-        ckpt.to_universal(found.path)
+        ckpt.to_universal(found.path, warn)
     dist.barrier()
     return ResumePoint(found, universal=True, skipped=tuple(skipped))
 
@@ -72,7 +71,8 @@ def restore(engine: Any, point: ResumePoint, rank: Rank) -> int:
     )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
-    ckpt.load_rng(path, rank.rank)
+    if not ckpt.load_rng(path, rank.rank, ckpt.read_manifest(path)["world_size"]):
+        rank.log(f"{path} has no RNG state for rank {rank.rank}: it keeps its seeded stream")
     rank.log(f"resumed from {path} (step {point.candidate.step})")
     return point.candidate.step
 
@@ -82,8 +82,8 @@ def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> N
 
     root = ckpt.checkpoints_dir(run_dir)
     path = root / ckpt.tag_for(step)
-    if rank.rank == 0 and path.exists():
-        shutil.rmtree(path)  # an interrupted or superseded save of this step
+    if rank.rank == 0 and (path.exists() or path.is_symlink()):
+        clear_step(path, rank)  # an interrupted or superseded save of this step
     dist.barrier()
     client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
@@ -99,9 +99,21 @@ def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> N
         entries = {k: v for part in gathered for k, v in part.items()}
         info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
         ckpt.commit(path, entries, info)
-        ckpt.retain(run_dir, recipe.checkpoint.keep_last, keep=ckpt.best_steps(run_dir))
+        ckpt.retain(run_dir, recipe.checkpoint.keep_last, keep=ckpt.best_steps(run_dir),
+                    warn=lambda message: rank.log(f"WARNING: {message}"))
         rank.log(f"checkpoint committed: {path}")
     dist.barrier()
+
+
+def clear_step(path: Path, rank: Rank) -> None:
+    """Make room for a new save of this step: remove what ftlaunch wrote there; a directory
+    still holding other files is set aside whole (kept, never committed over)."""
+    left = ckpt.remove_checkpoint(path) if path.is_dir() and not path.is_symlink() else [path.name]
+    if path.exists() or path.is_symlink():
+        aside = path.parent / f".{path.name}.set-aside.{time.time_ns()}"
+        path.rename(aside)
+        rank.log(f"WARNING: {path} held files ftlaunch did not write ({', '.join(left[:3])}); "
+                 f"moved to {aside}")
 
 
 class SaveSchedule:

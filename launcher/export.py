@@ -7,6 +7,7 @@ renamed into place only after it has been reloaded and its logits checked.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,8 +27,9 @@ from launcher.modeling import (
 )
 from launcher.recipe import Recipe
 from launcher.rundir import load_resolved
-from launcher.worker import probe_ids
+from launcher.worker import PROBE, probe_ids
 
+EXPORT_MARK = "ftlaunch_export.json"  # in every export: the files it wrote
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -45,8 +47,7 @@ def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
     if not done:
         raise UserInputError(str(run_dir), "no committed checkpoint to export")
     chosen = done[0]
-    manifest = ckpt.read_manifest(chosen.path)
-    problem = ckpt.check_files(chosen.path, manifest, sorted(manifest["files"]))
+    problem = ckpt.problem(chosen.path)  # before anything in it is unpickled
     if problem:
         raise UserInputError(str(chosen.path), f"checkpoint is corrupt: {problem}")
     return chosen
@@ -101,7 +102,12 @@ def export_run(
         raise UserInputError(str(run_dir), "not a run directory (no recipe.resolved.yaml)")
     if merge_lora and not recipe.uses_adapter:
         raise UserInputError("--merge-lora", "only for runs with an adapter (method: lora or ia3)")
+    where = "--out" if out is not None else str(run_dir / "final")
     out = (out or run_dir / "final").resolve()
+    if ckpt.checkpoints_dir(run_dir) in (out, *out.parents):
+        raise UserInputError(where, f"{out} is inside the run's checkpoints/: an export there "
+                             "would make a checkpoint hold files its manifest does not name")
+    check_destination(out, where)
     chosen = choose_checkpoint(run_dir, step)
     tokenizer = load_tokenizer(recipe.model)
     model = rebuild(recipe, consolidated_state(chosen), tokenizer.pad_token_id)
@@ -122,12 +128,60 @@ def export_run(
         trained = trained_logits(run_dir, chosen.step)
         if trained is not None:
             _compare(got, trained, dtype, "reloaded export vs the model at the end of training")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
+        mark_export(staging, chosen.step)
+        install(staging, out, where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def check_destination(out: Path, where: str) -> None:
+    """An export may replace only an empty directory or an earlier export that holds nothing
+    but the files ftlaunch wrote there; anything else is refused, untouched."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UserInputError(where, f"{out} exists and is not a directory")
+    foreign = foreign_files(out)
+    if foreign:
+        raise UserInputError(
+            where,
+            f"{out} holds files ftlaunch did not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose another --out, or move them away",
+        )
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in ``out`` that no earlier export listed in its EXPORT_MARK."""
+    present = ckpt.present_files(out)
+    try:
+        listed = set(json.loads((out / EXPORT_MARK).read_text())["files"]) | {EXPORT_MARK}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        listed = set()
+    return [name for name in present if name not in listed]
+
+
+def mark_export(staging: Path, step: int) -> None:
+    """List every file this export wrote, so a later export knows what it may replace."""
+    files = ckpt.present_files(staging)
+    ckpt.write_atomic(staging / EXPORT_MARK, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def install(staging: Path, out: Path, where: str) -> None:
+    """Rename the verified export into place. An earlier export there is moved aside first
+    and removed only after the new one is in place."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    check_destination(out, where)  # again: it may have changed while this export ran
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old."))
+    out.rename(old / "export")
+    staging.rename(out)
+    for name in ckpt.present_files(old / "export"):
+        (old / "export" / name).unlink()
+    for folder in sorted((p for p in old.rglob("*") if p.is_dir()), reverse=True):
+        folder.rmdir()
+    old.rmdir()
 
 
 def _save(model: Any, recipe: Recipe, out: Path, merged: bool, final_dir: Path) -> None:
@@ -176,14 +230,17 @@ def load_exported(path: Path, dtype: torch.dtype, task: str = "causal_lm") -> to
 
 
 def trained_logits(run_dir: Path, step: int) -> torch.Tensor | None:
-    """Logits the worker recorded at the end of training, if this is that step's export."""
-    from safetensors.torch import load_file
+    """Logits the worker recorded at the end of training, if training ended at ``step`` (the
+    probe records its step; one from another step, or that does not say, is not compared)."""
+    from safetensors import safe_open
 
-    path = run_dir / "probe.safetensors"
-    final = ckpt.committed(run_dir)
-    if not path.is_file() or not final or final[0].step != step:
+    path = run_dir / PROBE
+    if not path.is_file():
         return None
-    return load_file(str(path))["logits"]
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("step") != str(step):
+            return None
+        return f.get_tensor("logits")
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

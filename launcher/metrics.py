@@ -61,12 +61,16 @@ def peak_memory_gb(device: torch.device) -> float:
 
 class JsonlSink:
     """Appends one JSON object per logged step. On resume, records past the resumed step are
-    dropped first, so the file reads as one uninterrupted run."""
+    dropped first, so the file reads as one uninterrupted run; a start from step 0 (no
+    checkpoint yet) keeps nothing, since it logs every step again, step 0's evaluation too."""
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if _step(line) <= resume_step]
+            kept = [
+                line for line in path.read_text().splitlines()
+                if resume_step > 0 and _step(line) <= resume_step
+            ]
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(path)

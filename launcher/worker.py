@@ -460,16 +460,18 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     stopping = recipe.eval.early_stopping
     history = eval_history(run_dir, stopping, start, rank)
     stopped = stopping is not None and early_stop.judge(history, stopping).stop
+    done = start
     for step in range(start, start if stopped else steps):
         fault_point("crash", step, run_dir, rank)
         fault_point("hang", step, run_dir, rank)
         done = step + 1
+        lr = trainee.schedule.get_last_lr()[0]  # the rate this step's update uses
         record = {"step": done} | train_step(engine, objective, inputs.batches, plan, step, rank)
         record |= {
-            "lr": trainee.schedule.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": _float(engine.get_global_grad_norm()),
             "peak_memory_gb": peak_memory_gb(rank.device),
-            "epoch": step / max(plan.steps_per_epoch, 1),
+            "epoch": done / max(plan.steps_per_epoch, 1),  # passes over the data completed
         }
         if peak:
             record["mfu"] = mfu(per_token, record["tokens_per_s"], rank.world, peak)
@@ -495,7 +497,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
                 f"{verdict.stale} evaluations (best {verdict.best_value:.4g} at step {verdict.best_step})"
             )
             break
-    write_probe(engine, run_dir, rank, tokenizer)
+    write_probe(engine, run_dir, rank, tokenizer, done)
     if sink:
         sink.close()
 
@@ -531,8 +533,9 @@ def run_eval(
     return metrics
 
 
-def write_probe(engine: Any, run_dir: Path, rank: Rank, tokenizer: Any) -> None:
-    """Record the trained model's logits on a few tokens; export checks final/ against them."""
+def write_probe(engine: Any, run_dir: Path, rank: Rank, tokenizer: Any, step: int) -> None:
+    """Record the trained model's logits on a few tokens, and the step they were taken at;
+    export checks an export of that step's checkpoint against them. Written atomically."""
     from safetensors.torch import save_file
 
     ids = torch.tensor([probe_ids(tokenizer)], device=rank.device)
@@ -541,7 +544,13 @@ def write_probe(engine: Any, run_dir: Path, rank: Rank, tokenizer: Any) -> None:
         logits = engine(input_ids=ids, use_cache=False).logits.float().cpu()
     engine.train()
     if rank.rank == 0:
-        save_file({"input_ids": ids.cpu(), "logits": logits}, str(run_dir / "probe.safetensors"))
+        tmp = run_dir / f".{PROBE}.tmp"
+        tensors = {"input_ids": ids.cpu(), "logits": logits}
+        save_file(tensors, str(tmp), metadata={"step": str(step)})
+        os.replace(tmp, run_dir / PROBE)
+
+
+PROBE = "probe.safetensors"
 
 
 def probe_ids(tokenizer: Any) -> list[int]:
