@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import re
 from pathlib import Path
 from typing import Any
@@ -11,33 +12,97 @@ import yaml
 from launcher.errors import UserInputError
 
 KeyPath = tuple[str | int, ...]
+MAX_KEYS = 100_000  # far beyond any recipe; a bound on alias expansion ("billion laughs")
 
 
 def load_yaml_with_lines(path: Path) -> tuple[Any, dict[KeyPath, int]]:
     """Parse ``path``; return the data and a map from key path to 1-based line number."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise UserInputError(str(path), "file not found") from None
+    text = read_yaml_text(path)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise UserInputError(where, f"invalid YAML: {getattr(e, 'problem', e)}") from None
-    lines: dict[KeyPath, int] = {}
-    if root is not None:
-        _walk(root, (), lines, path)
-    return yaml.safe_load(text), lines
+        lines: dict[KeyPath, int] = {}
+        if root is not None:
+            _walk(root, (), lines, path, ())
+        return yaml.safe_load(text), lines
+    except yaml.YAMLError as e:  # syntax, and tags safe YAML does not build (!!python/...)
+        raise UserInputError(_error_location(path, text, e), f"invalid YAML: {_problem(e)}") from None
+    except RecursionError:
+        raise UserInputError(str(path), "invalid YAML: nested too deeply") from None
 
 
-def _walk(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int], path: Path) -> None:
-    lines.setdefault(prefix, node.start_mark.line + 1)
+def read_yaml_text(path: Path) -> str:
+    """The file's text: UTF-8 (a BOM is allowed), or UTF-16/32 when a BOM says so, as YAML
+    permits. Anything else is an error naming the line of the first undecodable byte."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise UserInputError(str(path), "file not found") from None
+    except IsADirectoryError:
+        raise UserInputError(str(path), "is a directory, not a YAML file") from None
+    encoding = _bom_encoding(raw)
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserInputError(
+            f"{path}:{line}", f"not valid {encoding.removesuffix('-sig').upper()} text "
+            f"(byte 0x{raw[e.start]:02x}); save the recipe as UTF-8"
+        ) from None
+
+
+def _bom_encoding(raw: bytes) -> str:
+    for bom, encoding in (
+        (codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
+        (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"),
+    ):
+        if raw.startswith(bom):
+            return encoding
+    return "utf-8-sig"
+
+
+def _error_location(path: Path, text: str, error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is not None:
+        return f"{path}:{mark.line + 1}"
+    position = getattr(error, "position", None)  # a ReaderError: a character YAML forbids
+    if isinstance(position, int):
+        return f"{path}:{text.count(chr(10), 0, position) + 1}"
+    return str(path)
+
+
+def _problem(error: yaml.YAMLError) -> str:
+    if isinstance(error, yaml.reader.ReaderError):
+        char = error.character
+        code = char if isinstance(char, int) else ord(char)
+        return f"unacceptable character #x{code:04x} (control characters are not allowed)"
+    return str(getattr(error, "problem", None) or error)
+
+
+def _walk(
+    node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int], path: Path,
+    enclosing: tuple[int, ...],
+) -> None:
+    """Record each key's line; refuse duplicate keys and an alias inside its own anchor."""
+    line = node.start_mark.line + 1
+    if id(node) in enclosing:
+        dotted = ".".join(str(p) for p in prefix) or "recipe"
+        raise UserInputError(f"{path}:{line}", f"{dotted}: an alias refers to a value that contains it")
+    if len(enclosing) > 100:
+        raise UserInputError(f"{path}:{line}", "invalid YAML: nested more than 100 levels deep")
+    if len(lines) > MAX_KEYS:
+        raise UserInputError(
+            f"{path}:{line}", f"invalid YAML: more than {MAX_KEYS} values (aliases expanding?)"
+        )
+    enclosing = (*enclosing, id(node))
+    lines.setdefault(prefix, line)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key_node, value_node in node.value:
-            key = key_node.value
             line = key_node.start_mark.line + 1
+            if not isinstance(key_node, yaml.ScalarNode):
+                dotted = ".".join(str(p) for p in prefix) or "recipe"
+                raise UserInputError(f"{path}:{line}", f"{dotted}: a key must be a plain name")
+            key = key_node.value
             if key in seen:
                 dotted = ".".join(str(p) for p in (*prefix, key))
                 raise UserInputError(
@@ -45,10 +110,10 @@ def _walk(node: yaml.Node, prefix: KeyPath, lines: dict[KeyPath, int], path: Pat
                 )
             seen[key] = line
             lines[(*prefix, key)] = line
-            _walk(value_node, (*prefix, key), lines, path)
+            _walk(value_node, (*prefix, key), lines, path, enclosing)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
-            _walk(item, (*prefix, i), lines, path)
+            _walk(item, (*prefix, i), lines, path, enclosing)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

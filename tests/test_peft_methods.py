@@ -38,12 +38,16 @@ def test_causal_lm_adapters_reload_with_same_outputs(cli, tmp_path, method, sect
 
     recipe = tiny_recipe(
         tmp_path / "run", method=method, **section,
-        train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
-        resources={"num_workers": 2}, eval={"max_batches": 2},
+        # IA3 scales and virtual tokens on a frozen random base move the loss slowly: they take
+        # a large learning rate
+        train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2 if method == "lora" else 3e-1},
+        resources={"num_workers": 2}, eval={"max_batches": 2, "at_start": True},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-    assert evals and evals[-1]["eval_loss"] < 10  # a real loss on real positions
+    # the adapter trained: the held-out loss fell from the untrained model's
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 6
+    assert evals[-1]["eval_loss"] < 0.995 * evals[0]["eval_loss"], evals  # same batches: 0 at init
     adapter_config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert adapter_config[flag[0]] == flag[1]
     probe_matches(run_dir, AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "final")).eval())
@@ -78,11 +82,14 @@ def test_prompt_tuned_tagger_reloads_with_same_outputs(cli, tmp_path):
         data={"train": str(DATA / "ner_train.jsonl"), "validation": str(DATA / "ner_val.jsonl"),
               "fields": {}},
         train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
-        resources={"num_workers": 2},
+        resources={"num_workers": 2}, eval={"at_start": True},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
-    last = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_f1" in r][-1]
-    assert 0 <= last["eval_f1"] <= 1 and last["eval_accuracy"] > 0
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_f1" in r]
+    first, last = evals[0], evals[-1]
+    # the prompt and the new head trained: the held-out loss fell from initialisation
+    assert first["step"] == 0 and last["step"] == 6
+    assert last["eval_loss"] < 0.995 * first["eval_loss"], evals  # same batches: 0 at init
     final = run_dir / "final"
     assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
     probe_matches(run_dir, AutoPeftModelForTokenClassification.from_pretrained(str(final)).eval())
