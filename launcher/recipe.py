@@ -446,6 +446,17 @@ class CheckpointSection(Section):
     max_failures: int = Field(
         0, ge=0, description="Restarts from the newest checkpoint after a worker failure."
     )
+    on_preempt: bool = Field(
+        True,
+        description="On SIGTERM (preemption, pod deletion), commit a checkpoint of the step "
+        "reached before stopping, when one fits in preempt_grace_s.",
+    )
+    preempt_grace_s: float = Field(
+        20.0, gt=0,
+        description="Seconds the workers get after SIGINT/SIGTERM to reach a step boundary "
+        "(and save); then they are killed. Keep it below the scheduler's grace period "
+        "(Kubernetes: terminationGracePeriodSeconds, 30 by default).",
+    )
 
 
 class GenerationEval(Section):
