@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace):  # -> Recipe
     from launcher.recipe import load_recipe
 
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, args.set, args.output_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -687,8 +687,9 @@ def _is_model(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseModel)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``--set`` overrides, and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides (YAML values) and ``--output-dir``
+    (taken literally: a path may hold '#', ': ', spaces), and validate it."""
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
     if data is None:
@@ -696,6 +697,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise UserInputError(str(path), "a recipe must be a YAML mapping of sections")
     data = apply_overrides(data, list(overrides))
+    if output_dir is not None:
+        data["output_dir"] = output_dir
     return validate_recipe(data, str(path), lines)
 
 

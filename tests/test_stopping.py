@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import yaml
 import pytest
 
 from launcher import checkpoint as ckpt
@@ -116,3 +117,12 @@ def test_ray_sigterm_commits_stops_ray_and_resumes(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert steps_logged(run_dir) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.parametrize("path", ["runs/exp #3", "runs/a: b", "runs/-x", "runs/ spaced "])
+def test_output_dir_is_taken_literally(cli, tmp_path, path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    target = str(tmp_path / path)
+    code, out, err = cli("check", recipe, "--offline", f"--output-dir={target}")
+    assert code == 0, err
+    assert yaml.safe_load(out.split("# DeepSpeed config")[0])["output_dir"] == target
