@@ -68,8 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load(args: argparse.Namespace):  # -> Recipe
     from launcher.recipe import load_recipe
 
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, args.set, args.output_dir)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -92,44 +91,88 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher import orchestrate, preflight
-    from launcher.export import export_run
+    from launcher import stop
     from launcher.prepare import prepare
-    from launcher.rundir import check_resumable, write_run_files
+    from launcher.rundir import check_resumable
 
     prepared = prepare(load(args))
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
-    if args.backend == "torchrun":
-        write_run_files(run_dir, recipe, prepared.ds_config)
-        if orchestrate.run_torchrun(recipe, run_dir) != 0:
-            print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
-            return 1
+    stop.clear(run_dir)
+    cp = recipe.checkpoint
+    with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
+        if args.backend == "torchrun":
+            code = train_torchrun(prepared, run_dir, signals)
+        else:
+            code = train_ray(args, prepared, run_dir, resuming, signals)
+    if signals.stopping:
+        return report_stop(signals, run_dir, args.argv)
+    if code == 0:
+        from launcher.export import export_run
+
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
+    return code
+
+
+def train_torchrun(prepared, run_dir: Path, signals) -> int:
+    from launcher import orchestrate
+    from launcher.rundir import write_run_files
+
+    write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    if signals.stopping:
         return 0
-    started_here = orchestrate.connect(args.address, recipe)
+    if orchestrate.run_torchrun(prepared.recipe, run_dir, signals) != 0 and not signals.stopping:
+        print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
+    from launcher import orchestrate, preflight
+    from launcher.rundir import write_run_files
+
+    recipe = prepared.recipe
+    connected_here = orchestrate.connect(args.address, recipe)
+    signals.reclaim()
     try:
+        if signals.stopping:
+            return 0
         orchestrate.check_capacity(recipe)
         preflight.check_multi_node(recipe)
         write_run_files(run_dir, recipe, prepared.ds_config)
+        if signals.stopping:
+            return 0
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
         trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
         orchestrate.fit(
             trainer, run_dir, not args.no_progress and recipe.logging.progress,
-            recipe.checkpoint.max_failures,
+            recipe.checkpoint.max_failures, signals,
         )
     except orchestrate.TrainingFailed as e:
         print(f"ftlaunch: training failed: {e}", file=sys.stderr)
         return 1
     finally:
-        if started_here:
+        if connected_here:
             import ray
 
             ray.shutdown()
-    final = export_run(run_dir)
-    print(f"[ftlaunch] model exported and verified: {final}", file=sys.stderr)
     return 0
+
+
+def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
+    """After a signal: say what was kept and the command that continues the run."""
+    from launcher.checkpoint import committed
+    from launcher.stop import resume_command
+
+    done = committed(run_dir) if run_dir.is_dir() else []
+    kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
+    print(
+        f"ftlaunch: stopped by {signals.first.name}; {kept}. To resume, run:\n  "
+        f"{resume_command(argv)}",
+        file=sys.stderr,
+    )
+    return signals.exit_code()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -145,18 +188,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
+    args.argv = argv
     commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
+    from launcher.stop import Terminated, resume_command, sigterm_raises
+
     try:
-        if args.command == "k8s":
-            from launcher import k8s
-
-            return k8s.run(args)
-        if args.command in ("preflight", "submit", "jobs"):
-            from launcher import preflight, submit
-
-            run = {"preflight": preflight.run, "submit": submit.run, "jobs": submit.run_jobs}
-            return run[args.command](args)
-        return commands[args.command](args)
+        with sigterm_raises():
+            return dispatch(args, commands)
     except UserInputError as e:
         print(f"ftlaunch: error: {e}", file=sys.stderr)
         return 2
@@ -164,8 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftlaunch: export failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("ftlaunch: interrupted; run the same command again to resume", file=sys.stderr)
+        print(f"ftlaunch: interrupted; to resume, run:\n  {resume_command(argv)}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"ftlaunch: terminated (SIGTERM); to resume, run:\n  {resume_command(argv)}",
+              file=sys.stderr)
+        return 143
+
+
+def dispatch(args: argparse.Namespace, commands: dict) -> int:
+    if args.command == "k8s":
+        from launcher import k8s
+
+        return k8s.run(args)
+    if args.command in ("preflight", "submit", "jobs"):
+        from launcher import preflight, submit
+
+        run = {"preflight": preflight.run, "submit": submit.run, "jobs": submit.run_jobs}
+        return run[args.command](args)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from typing import Any
 from launcher.errors import UserInputError
 from launcher.ports import free_port
 from launcher.recipe import Recipe
+from launcher.stop import Signals
 
 QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -19,7 +20,9 @@ class TrainingFailed(Exception):
 
 
 def connect(address: str | None, recipe: Recipe) -> bool:
-    """Join ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if started here."""
+    """Join ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if connected
+    here: the caller then calls ``ray.shutdown()``, which stops an embedded Ray, and on an
+    external cluster ends this job, so Ray reclaims its actors (the workers) and nothing else."""
     import ray
 
     if ray.is_initialized():
@@ -27,7 +30,7 @@ def connect(address: str | None, recipe: Recipe) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return False
+        return True
     res = recipe.resources
     start_local_ray(max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999)))
     return True
@@ -106,8 +109,11 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
     )
 
 
-def run_torchrun(recipe: Recipe, run_dir: Path) -> int:
-    """Single node without Ray: torchrun starts one worker process per GPU (or CPU worker)."""
+def run_torchrun(recipe: Recipe, run_dir: Path, signals: Signals) -> int:
+    """Single node without Ray: torchrun starts one worker process per GPU (or CPU worker).
+
+    torchrun gets its own session, so a Ctrl-C in the terminal reaches only this driver,
+    which then stops the workers through the run directory (launcher.stop)."""
     import subprocess
     import sys
 
@@ -116,24 +122,72 @@ def run_torchrun(recipe: Recipe, run_dir: Path) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={recipe.resources.num_workers}", "-m", "launcher.worker", str(run_dir),
     ]
-    return subprocess.run(command, env=env).returncode
+    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    try:
+        while proc.poll() is None and not (signals.stopping and signals.expired()):
+            try:
+                proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    return proc.wait()
 
 
-def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int) -> None:
+def kill_tree(pid: int, timeout_s: float = 30.0) -> None:
+    """SIGKILL ``pid`` and every process below it (workers run in sessions of their own, so
+    process groups do not reach them), then wait until they are gone."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    if alive:
+        raise RuntimeError(f"processes {[p.pid for p in alive]} survived SIGKILL")
+
+
+def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals: Signals) -> None:
+    """Run ``trainer.fit()`` in a thread, so this (main) thread keeps the signal handlers
+    (Ray Train installs its own SIGINT handler only on the main thread). Returns when training
+    ended, or when a stop was requested and the workers did not leave by its deadline."""
+    import threading
+
     from ray.train import TrainingFailedError
 
     from launcher.metrics import ProgressFollower
 
     before = _attempts(run_dir)
-    try:
-        with ProgressFollower(run_dir) if progress else nullcontext():
+    outcome: dict[str, BaseException] = {}
+
+    def target() -> None:
+        try:
             trainer.fit()
-    except TrainingFailedError as e:
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="ftlaunch-fit", daemon=True)
+    with ProgressFollower(run_dir) if progress else nullcontext():
+        thread.start()
+        while thread.is_alive() and not (signals.stopping and signals.expired()):
+            thread.join(0.2)
+    error = outcome.get("error")
+    if isinstance(error, TrainingFailedError) and not signals.stopping:
         attempts = _attempts(run_dir) - before
         raise TrainingFailed(
             f"{attempts} attempt(s) failed (checkpoint.max_failures={max_failures}); "
-            f"last error: {_root_cause(e)}"
-        ) from e
+            f"last error: {_root_cause(error)}"
+        ) from error
+    if error is not None and not signals.stopping:
+        raise error
 
 
 def _attempts(run_dir: Path) -> int:

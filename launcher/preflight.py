@@ -580,8 +580,7 @@ def run(args: argparse.Namespace) -> int:
 
     from launcher import orchestrate
 
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, args.set, args.output_dir)
     output_dir = Path(recipe.output_dir).expanduser().resolve()
     recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
     started_here = orchestrate.connect(args.address, recipe)

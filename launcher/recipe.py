@@ -461,6 +461,17 @@ class CheckpointSection(Section):
     max_failures: int = Field(
         0, ge=0, description="Restarts from the newest checkpoint after a worker failure."
     )
+    on_preempt: bool = Field(
+        True,
+        description="On SIGTERM (preemption, pod deletion), commit a checkpoint of the step "
+        "reached before stopping, when one fits in preempt_grace_s.",
+    )
+    preempt_grace_s: float = Field(
+        20.0, gt=0,
+        description="Seconds the workers get after SIGINT/SIGTERM to reach a step boundary "
+        "(and save); then they are killed. Keep it below the scheduler's grace period "
+        "(Kubernetes: terminationGracePeriodSeconds, 30 by default).",
+    )
 
 
 class GenerationEval(Section):
@@ -704,8 +715,9 @@ def _is_model(obj: Any) -> bool:
     return isinstance(obj, type) and issubclass(obj, BaseModel)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``--set`` overrides, and validate it."""
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides (YAML values) and ``--output-dir``
+    (taken literally: a path may hold '#', ': ', spaces), and validate it."""
     path = Path(path)
     data, lines = load_yaml_with_lines(path)
     if data is None:
@@ -713,6 +725,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise UserInputError(str(path), "a recipe must be a YAML mapping of sections")
     data = apply_overrides(data, list(overrides))
+    if output_dir is not None:
+        data["output_dir"] = output_dir
     return validate_recipe(data, str(path), lines)
 
 

@@ -213,7 +213,7 @@ def entrypoint(recipe_rel: Path, overrides: Sequence[str], output_dir: str | Non
     for item in overrides:
         command += ["--set", item]
     if output_dir:
-        command += ["--output-dir", output_dir]
+        command.append(f"--output-dir={output_dir}")  # a leading '-' stays a value
     return shlex.join(command)
 
 
@@ -398,8 +398,7 @@ def run(args: argparse.Namespace) -> int:
     address = job_server_address(args.address)
     check_transport(address, args.insecure, os.environ)
     env = parse_env(args.env)
-    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
-    recipe = load_recipe(args.recipe, overrides)
+    recipe = load_recipe(args.recipe, args.set, args.output_dir)
     if not PurePath(recipe.output_dir).is_absolute():
         raise UserInputError(
             "output_dir",

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from launcher import checkpoint as ckpt
-from launcher import classification, distill, early_stop, engine_state, task_eval
+from launcher import classification, distill, early_stop, engine_state, stop, task_eval
 from launcher.data import (
     IGNORE_INDEX,
     PackedSplit,
@@ -461,7 +461,10 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     history = eval_history(run_dir, stopping, start, rank)
     stopped = stopping is not None and early_stop.judge(history, stopping).stop
     done = start
+    preempt = PreemptState(start)
     for step in range(start, start if stopped else steps):
+        if preempt.stop_here(engine, run_dir, step, rank, recipe):
+            break
         fault_point("crash", step, run_dir, rank)
         fault_point("hang", step, run_dir, rank)
         done = step + 1
@@ -488,7 +491,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         if eval_due and stopping is not None:
             history, verdict = early_stop.observe(history, stopping, done, record)
         if saves.due(done, rank) or (verdict and (verdict.improved or verdict.stop)):
-            engine_state.save(engine, run_dir, done, rank, recipe)
+            preempt.timed_save(engine, run_dir, done, rank, recipe)
         if verdict and verdict.improved and rank.rank == 0:
             ckpt.write_best(run_dir, done, stopping.metric, verdict.best_value)
         if verdict and verdict.stop:
@@ -497,9 +500,41 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
                 f"{verdict.stale} evaluations (best {verdict.best_value:.4g} at step {verdict.best_step})"
             )
             break
-    write_probe(engine, run_dir, rank, tokenizer, done)
+    if not preempt.stopped:
+        write_probe(engine, run_dir, rank, tokenizer, done)
     if sink:
         sink.close()
+
+
+class PreemptState:
+    """The loop's side of a stop request (launcher.stop): the newest saved step and how long
+    the last save took, to decide at a step boundary whether a checkpoint still fits."""
+
+    def __init__(self, start: int):
+        self.saved = start
+        self.save_seconds: float | None = None
+        self.stopped = False
+
+    def timed_save(self, engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> None:
+        began = time.monotonic()
+        engine_state.save(engine, run_dir, step, rank, recipe)
+        self.saved, self.save_seconds = step, time.monotonic() - began
+
+    def stop_here(self, engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> bool:
+        """True when the driver asked to stop; first commits step ``step`` if asked and it fits."""
+        req = stop.agreed(run_dir, rank)
+        if req is None:
+            return False
+        self.stopped = True
+        if step > self.saved and stop.save_fits(req, self.save_seconds):
+            rank.log(f"{req.signal}: committing a checkpoint at step {step} before stopping")
+            self.timed_save(engine, run_dir, step, rank, recipe)
+        elif step > self.saved and req.save:
+            rank.log(f"{req.signal}: no checkpoint at step {step}: the last save took "
+                     f"{self.save_seconds:.1f} s, {max(req.seconds_left(), 0):.1f} s are left")
+        newest = f"step {self.saved}" if self.saved else "none"
+        rank.log(f"{req.signal}: stopping at step {step}; newest checkpoint: {newest}")
+        return True
 
 
 def eval_history(

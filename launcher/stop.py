@@ -1,0 +1,157 @@
+"""Stopping a run on request: the driver's side (signals) and the workers' side (a flag file).
+
+On SIGINT or SIGTERM the driver writes ``STOP.json`` into the run directory. Every rank
+checks it at each step boundary (rank 0 reads it, one all-reduce tells the others), so all
+ranks leave the loop at the same step; asked to, they first commit a checkpoint of that step
+when the last save suggests one fits in the time left. The driver waits for the workers until
+the request's deadline (or a second signal), then kills what is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from launcher.ranks import Rank
+
+
+STOP_FILE = "STOP.json"
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    signal: str
+    save: bool
+    deadline: float  # time.time() after which the driver kills the workers
+
+    def seconds_left(self) -> float:
+        return self.deadline - time.time()
+
+
+def request(run_dir: Path, req: StopRequest) -> None:
+    from launcher.checkpoint import write_atomic
+
+    write_atomic(run_dir / STOP_FILE, json.dumps(req.__dict__))
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command that continues this run: the same arguments, from the same directory."""
+    import os
+    import shlex
+
+    return f"cd {shlex.quote(os.getcwd())} && ftlaunch {shlex.join(argv)}"
+
+
+def clear(run_dir: Path) -> None:
+    """Forget a request left by an earlier, stopped launch (called before workers start)."""
+    (run_dir / STOP_FILE).unlink(missing_ok=True)
+
+
+def read(run_dir: Path) -> StopRequest | None:
+    try:
+        data = json.loads((run_dir / STOP_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return StopRequest(str(data["signal"]), bool(data["save"]), float(data["deadline"]))
+
+
+def agreed(run_dir: Path, rank: "Rank") -> StopRequest | None:
+    """The stop request, the same on every rank (a collective: every rank calls it)."""
+    from launcher.ranks import any_rank, gather
+
+    mine = read(run_dir) if rank.rank == 0 else None
+    if not any_rank(mine is not None, rank):
+        return None
+    return gather(mine, rank)[0]
+
+
+def save_fits(req: StopRequest, last_save_s: float | None) -> bool:
+    """Worth starting a save: asked for, and (when a save was timed) it should end in time."""
+    return req.save and (last_save_s is None or last_save_s < req.seconds_left())
+
+
+class Signals:
+    """The driver's SIGINT/SIGTERM handling while workers run. The first signal writes the
+    stop request; a second one (or the deadline) means: kill now."""
+
+    def __init__(self, run_dir: Path, save_on_sigterm: bool, grace_s: float):
+        self.run_dir = run_dir
+        self.save_on_sigterm = save_on_sigterm
+        self.grace_s = grace_s
+        self.first: signal.Signals | None = None
+        self.deadline = float("inf")
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Signals:
+        for sig in EXIT_CODES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def reclaim(self) -> None:
+        """Install the handlers again: ``ray.init`` puts its own SIGTERM handler (which
+        aborts the driver) in place of ours."""
+        for sig in EXIT_CODES:
+            signal.signal(sig, self._handle)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        sig = signal.Signals(signum)
+        if self.first is not None:
+            self.deadline = 0.0
+            print(f"[ftlaunch] {sig.name} again: stopping the workers now", file=sys.stderr)
+            return
+        self.first = sig
+        save = sig == signal.SIGTERM and self.save_on_sigterm
+        self.deadline = time.time() + self.grace_s
+        if self.run_dir.is_dir():  # else no worker runs yet; the launch checks ``stopping``
+            request(self.run_dir, StopRequest(sig.name, save, self.deadline))
+        what = "committing a checkpoint and stopping" if save else "stopping"
+        print(
+            f"[ftlaunch] {sig.name}: {what} at the next step boundary (at most "
+            f"{self.grace_s:g} s; send it again to stop at once)", file=sys.stderr,
+        )
+
+    @property
+    def stopping(self) -> bool:
+        return self.first is not None
+
+    def expired(self) -> bool:
+        return time.time() >= self.deadline
+
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.first] if self.first is not None else 0
+
+
+class Terminated(BaseException):
+    """SIGTERM outside the training phase (like KeyboardInterrupt for SIGINT)."""
+
+
+@contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only), so
+    ``finally`` blocks run and the CLI can exit 143 with a message instead of dying silently."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
