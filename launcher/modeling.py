@@ -131,9 +131,11 @@ def load_model_config(cfg: ModelSection) -> Any:
     if cfg.architecture is not None:
         spec = dict(cfg.architecture)
         model_type = spec.pop("model_type")
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             return AutoConfig.for_model(model_type, **spec)
-        except (KeyError, ValueError, TypeError) as e:
+        except (KeyError, ValueError, TypeError, StrictDataclassError) as e:
             raise UserInputError("model.architecture", str(e)) from None
     try:
         return AutoConfig.from_pretrained(
@@ -168,8 +170,11 @@ def hidden_size(config: Any) -> int | None:
 
 def meta_model(config: Any, task: str = "causal_lm") -> torch.nn.Module:
     """The model's module tree without allocating weights (for name checks on the driver)."""
-    with torch.device("meta"):
-        return auto_model_class(task).from_config(config)
+    try:
+        with torch.device("meta"):
+            return auto_model_class(task).from_config(config)
+    except (TypeError, ValueError, ArithmeticError) as e:  # a config value of the wrong kind
+        raise UserInputError("model", f"the model cannot be built from its config: {e}") from None
 
 
 def lora_target_misses(model: torch.nn.Module, targets: list[str]) -> list[str]:

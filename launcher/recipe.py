@@ -25,6 +25,25 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
+ARCHITECTURE_SIZES = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings", "d_model",
+)
+
+
+def _check_architecture_sizes(architecture: dict[str, Any]) -> None:
+    """The sizes the launcher itself computes with (bucket sizes, FLOPs, memory) must be
+    whole positive numbers before anything multiplies them."""
+    for key in ARCHITECTURE_SIZES:
+        if key not in architecture:
+            continue
+        value = architecture[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31:
+            raise ValueError(
+                f"model.architecture.{key}: must be a whole number from 1 to 2**31, got {value!r}"
+            )
+
+
 class ModelSection(Section):
     name_or_path: str | None = Field(
         None, description="Hugging Face hub id or local directory of a pretrained model."
@@ -101,6 +120,7 @@ class ModelSection(Section):
                 raise ValueError("model.architecture needs a model_type, e.g. llama")
             if self.tokenizer is None:
                 raise ValueError("model.tokenizer is required with model.architecture")
+            _check_architecture_sizes(self.architecture)
         if self.trust_remote_code and self.revision is None:
             raise ValueError("model.trust_remote_code needs a pinned model.revision")
         if self.checkpoint_every > 1 and not self.gradient_checkpointing:

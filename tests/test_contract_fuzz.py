@@ -35,17 +35,6 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# Open defects this test finds outside recipe parsing (fixed in other branches or still open;
-# see the lead's issue "Trust at the edges"). strict: once they are fixed the test passes, the
-# xfail fails, and this marker must go.
-OPEN_DEFECTS = pytest.mark.xfail(strict=True, reason=(
-    "ds_config.resolve_ds_config multiplies/int()s unvalidated model.architecture values "
-    "(str, nan, inf hidden_size); modeling.load_model_config lets transformers' "
-    "StrictDataclassFieldValidationError escape; data.py reads non-UTF-8 data files with a "
-    "traceback"
-))
-
-
 def shipped_recipes() -> list[dict[str, Any]]:
     recipes = [yaml.safe_load(p.read_text()) for p in sorted((ROOT / "recipes" / "cpu").glob("*.yaml"))]
     return [*recipes, tiny_recipe(Path("runs/tiny"))]
@@ -204,7 +193,6 @@ def point_output(recipe_path: Path, raw: bytes, root: Path) -> tuple[Path, Path]
     return recipe_path, run_dir
 
 
-@OPEN_DEFECTS
 @given(raw=recipe_bytes())
 def test_offline_check_keeps_the_contract_on_mutated_recipes(cli, in_root, raw):
     path, run_dir = point_output(in_root / f"r-{uuid.uuid4().hex}.yaml", raw, in_root)
@@ -212,7 +200,6 @@ def test_offline_check_keeps_the_contract_on_mutated_recipes(cli, in_root, raw):
     assert_contract(code, err, run_dir, path)
 
 
-@OPEN_DEFECTS
 @given(recipe=mutated_recipes())
 def test_check_keeps_the_contract_on_mutated_recipes(cli, in_root, recipe):
     """The full check (local tokenizer, model config, data) on structurally mutated recipes."""
@@ -266,7 +253,6 @@ def data_files(draw) -> tuple[str, bytes]:
     return kind, raw
 
 
-@OPEN_DEFECTS
 @given(data=data_files(), which=st.sampled_from(["train", "validation"]))
 def test_check_keeps_the_contract_on_mutated_data(cli, in_root, data, which):
     kind, raw = data

@@ -45,3 +45,29 @@ def test_utf16_recipe_with_bom_is_read(cli, tmp_path):
 def test_recipe_path_that_is_a_directory(cli, tmp_path):
     code, _, err = cli("check", "--offline", tmp_path)
     assert code == 2 and "is a directory" in err, err
+
+
+@pytest.mark.parametrize("offline", [True, False], ids=["offline", "full"])
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("hidden_size", float("nan"), "model.architecture.hidden_size: must be a whole number"),
+        ("hidden_size", "abc", "model.architecture.hidden_size: must be a whole number"),
+        ("vocab_size", None, "model.architecture.vocab_size: must be a whole number"),
+        ("num_hidden_layers", True, "model.architecture.num_hidden_layers: must be a whole"),
+        ("rope_theta", "abc", "model: the model cannot be built from its config"),
+    ],
+    ids=["nan", "text", "null", "bool", "rope-text"],
+)
+def test_architecture_values_of_the_wrong_kind_are_user_errors(cli, tmp_path, key, value,
+                                                               message, offline):
+    """Found by the fuzz test: these reached DeepSpeed's bucket arithmetic, transformers'
+    strict config validation or the model's constructor as tracebacks."""
+    if offline and key == "rope_theta":
+        pytest.skip("--offline builds no model")
+    recipe = tiny_recipe(tmp_path / "run")
+    recipe["model"]["architecture"][key] = value
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    code, _, err = cli("check", *(["--offline"] if offline else []), path)
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
