@@ -15,13 +15,30 @@ from launcher.errors import UserInputError
 from launcher.recipe import Recipe
 from launcher.secret_env import SECRETS_HELP, secret_key_paths
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# The presets ship inside the package (launcher/ds_configs/ in a wheel, mapped there by
+# pyproject.toml) and live in the top-level ds_configs/ of a source checkout or editable install.
+PRESET_DIRS = (
+    Path(__file__).resolve().parent / "ds_configs",
+    Path(__file__).resolve().parent.parent / "ds_configs",
+)
 DEFAULT_BUCKET = 500_000_000
 MIN_BUCKET = 1 << 22
 
 
+def preset_dir() -> Path:
+    """Where this installation keeps its DeepSpeed presets."""
+    for path in PRESET_DIRS:
+        if path.is_dir():
+            return path
+    raise UserInputError(
+        "deepspeed.config",
+        f"this ftlaunch installation has no presets (looked in {', '.join(map(str, PRESET_DIRS))}); "
+        "reinstall it, or give a path to a .json file",
+    )
+
+
 def preset_names() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+    return sorted(p.stem for p in preset_dir().glob("*.json"))
 
 
 def load_base_config(name_or_path: str) -> tuple[dict[str, Any], str]:
@@ -31,7 +48,7 @@ def load_base_config(name_or_path: str) -> tuple[dict[str, Any], str]:
         if not path.is_file():
             raise UserInputError("deepspeed.config", f"file not found: {name_or_path}")
     else:
-        path = PRESET_DIR / f"{name_or_path}.json"
+        path = preset_dir() / f"{name_or_path}.json"
         if not path.is_file():
             raise UserInputError(
                 "deepspeed.config",

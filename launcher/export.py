@@ -54,9 +54,13 @@ def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
 
 
 def consolidated_state(chosen: ckpt.Candidate) -> dict[str, torch.Tensor]:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """The checkpoint's full fp32 weights, read the way its ZeRO stage saved them."""
+    from launcher import consolidate
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(chosen.path.parent), tag=chosen.path.name)
+    manifest = ckpt.read_manifest(chosen.path)
+    if manifest is None:
+        raise ExportError(f"{chosen.path} lost its manifest while exporting")
+    return consolidate.consolidated_state(chosen.path, manifest)
 
 
 def rebuild(
