@@ -232,11 +232,12 @@ def test_export_compares_only_against_a_probe_of_its_own_step(run_copy, cli, tmp
 def test_export_check_fires_on_a_tampered_shard(run_copy, cli):
     """Weights changed and re-committed (so every checksum passes): the reloaded export no
     longer gives the trained model's logits. Exit 1, final/ untouched, nothing partial."""
-    shard = next(step_dir(run_copy, 4).glob("*optim_states.pt"))
+    shard = step_dir(run_copy, 4) / "mp_rank_00_model_states.pt"  # what a ZeRO-2 export reads
     state = torch.load(shard, weights_only=False)  # the test's own run: trusted
     with torch.no_grad():
-        for flat in state["optimizer_state_dict"]["single_partition_of_fp32_groups"]:
-            flat.add_(0.5)
+        for weight in state["module"].values():
+            if weight.is_floating_point():
+                weight.add_(0.5)
     torch.save(state, shard)
     recommit(step_dir(run_copy, 4))
     final = run_copy / "final"
