@@ -21,6 +21,8 @@ from launcher.recipe import TrainSection
 from launcher.schedule import lr_lambda
 from tests.conftest import tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.e2e  # the module trains one run that most of its tests examine
+
 TRAIN = {"max_steps": 4, "micro_batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "seed": 5}
 
 
