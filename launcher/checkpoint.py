@@ -11,7 +11,6 @@ no pickle among them would import anything beyond tensors and DeepSpeed's own st
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from launcher.durable import fsync_path, sha256_file
 from launcher.errors import UserInputError
 
 MARKER = "COMMITTED.json"
@@ -64,23 +64,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    fsync_path(path.parent)
 
 
 def payload_files(ckpt: Path) -> list[str]:
@@ -110,7 +94,7 @@ def flush_and_hash(ckpt: Path, names: Sequence[str]) -> dict[str, dict[str, Any]
 
 
 def commit(ckpt: Path, entries: dict[str, dict[str, Any]], info: dict[str, Any]) -> None:
-    fsync_dir(ckpt)
+    fsync_path(ckpt)
     manifest = {**info, "files": dict(sorted(entries.items())), "committed_at": time.time()}
     write_atomic(ckpt / MARKER, json.dumps(manifest, indent=1))
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launcher.durable import fsync_path, sha256_file
 from launcher.errors import UserInputError
 from launcher.recipe import DataSection, DataSource, LabelsSection
 
@@ -646,21 +647,13 @@ def _tokenize_all(
     return PreparedData(TokenizedSplit.from_examples(train), validation, stats)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_cache(entry: Path) -> PreparedData | None:
     """The cached splits, or None when the entry is missing or does not match the checksums
     its meta.json records (a crash mid-write, a truncated or altered file): it is rebuilt."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         for name, digest in meta["files"].items():
-            if _sha256(entry / name) != digest:
+            if sha256_file(entry / name) != digest:
                 return None
         train = TokenizedSplit.load(entry / "train.npz")
         val = TokenizedSplit.load(entry / "validation.npz") if meta["has_validation"] else None
@@ -680,14 +673,6 @@ def _consistent(split: TokenizedSplit) -> bool:
     )
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_cache(entry: Path, prepared: PreparedData) -> None:
     """Write into a temp dir beside the entry, fsync, and rename, so no reader (and no later
     run after a crash) sees half a cache; a corrupt entry in the way is replaced."""
@@ -702,14 +687,14 @@ def _write_cache(entry: Path, prepared: PreparedData) -> None:
         meta = {
             "has_validation": prepared.validation is not None,
             "stats": {k: v.__dict__ for k, v in prepared.stats.items()},
-            "files": {name: _sha256(tmp / name) for name in names},
+            "files": {name: sha256_file(tmp / name) for name in names},
         }
         (tmp / "meta.json").write_text(json.dumps(meta))
         for name in [*names, "meta.json"]:
-            _fsync(tmp / name)
-        _fsync(tmp)
+            fsync_path(tmp / name)
+        fsync_path(tmp)
         _move_into_place(tmp, entry)
-        _fsync(entry.parent)
+        fsync_path(entry.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
