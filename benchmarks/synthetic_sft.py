@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from launcher.synthetic import save_word_level_tokenizer
+from launcher.data.synthetic import save_word_level_tokenizer
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "=")
 PROMPT_TEMPLATE = "{instruction} ="

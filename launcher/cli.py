@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
-    from launcher import k8s, preflight, submit
+    from launcher.jobs import k8s
+    from launcher.driver import preflight
+    from launcher.jobs import submit
 
     k8s.add_arguments(sub.add_parser("k8s", help="print a KubeRay RayJob manifest"))
     preflight.add_arguments(
@@ -74,7 +76,7 @@ def load(args: argparse.Namespace):  # -> Recipe
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    from launcher.prepare import prepare, prepare_offline
+    from launcher.driver.prepare import prepare, prepare_offline
 
     if args.offline:
         recipe, ds_config = prepare_offline(load(args))
@@ -91,9 +93,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher import stop
-    from launcher.prepare import prepare
-    from launcher.rundir import check_resumable
+    from launcher.driver import stop
+    from launcher.driver.prepare import prepare
+    from launcher.run.rundir import check_resumable
 
     prepared = prepare(load(args))
     recipe = prepared.recipe
@@ -109,15 +111,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     if signals.stopping:
         return report_stop(signals, run_dir, args.argv)
     if code == 0:
-        from launcher.export import export_run
+        from launcher.run.export import export_run
 
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
     return code
 
 
 def train_torchrun(prepared, run_dir: Path, signals) -> int:
-    from launcher import orchestrate
-    from launcher.rundir import write_run_files
+    from launcher.driver import orchestrate
+    from launcher.run.rundir import write_run_files
 
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
     if signals.stopping:
@@ -129,8 +131,9 @@ def train_torchrun(prepared, run_dir: Path, signals) -> int:
 
 
 def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
-    from launcher import orchestrate, preflight
-    from launcher.rundir import write_run_files
+    from launcher.driver import orchestrate
+    from launcher.driver import preflight
+    from launcher.run.rundir import write_run_files
 
     recipe = prepared.recipe
     connected_here = orchestrate.connect(args.address, recipe)
@@ -162,8 +165,8 @@ def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool,
 
 def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
     """After a signal: say what was kept and the command that continues the run."""
-    from launcher.checkpoint import committed
-    from launcher.stop import resume_command
+    from launcher.checkpoint.commit import committed
+    from launcher.driver.stop import resume_command
 
     done = committed(run_dir) if run_dir.is_dir() else []
     kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
@@ -176,7 +179,7 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import export_run
+    from launcher.run.export import export_run
 
     out = export_run(args.run_dir, args.out, args.checkpoint, args.merge_lora)
     print(out)
@@ -190,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
-    from launcher.stop import Terminated, resume_command, sigterm_raises
+    from launcher.driver.stop import Terminated, resume_command, sigterm_raises
 
     try:
         with sigterm_raises():
@@ -212,11 +215,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def dispatch(args: argparse.Namespace, commands: dict) -> int:
     if args.command == "k8s":
-        from launcher import k8s
+        from launcher.jobs import k8s
 
         return k8s.run(args)
     if args.command in ("preflight", "submit", "jobs"):
-        from launcher import preflight, submit
+        from launcher.driver import preflight
+        from launcher.jobs import submit
 
         run = {"preflight": preflight.run, "submit": submit.run, "jobs": submit.run_jobs}
         return run[args.command](args)

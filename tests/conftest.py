@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher.ds_config import deep_merge as deep_update
+from launcher.recipe.ds_config import deep_merge as deep_update
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "recipes" / "data"
@@ -79,7 +79,7 @@ def ray_cluster():
     """One real local Ray cluster shared by the end-to-end tests."""
     import ray
 
-    from launcher.orchestrate import start_local_ray
+    from launcher.driver.orchestrate import start_local_ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     start_local_ray(num_cpus=4)

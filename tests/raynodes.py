@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher import ports
+from launcher.driver import ports
 
 ROOT = Path(__file__).resolve().parent.parent
 RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))

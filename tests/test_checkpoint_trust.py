@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import checkpoint as ckpt
-from launcher.metrics import JsonlSink, read_metrics
+from launcher.checkpoint import commit as ckpt
+from launcher.train.metrics import JsonlSink, read_metrics
 from launcher.recipe import TrainSection
-from launcher.schedule import lr_lambda
+from launcher.train.schedule import lr_lambda
 from tests.conftest import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e  # the module trains one run that most of its tests examine

@@ -8,8 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from launcher.errors import UserInputError
-from launcher.losses import LossConfig, model_loss_sum
-from launcher.modeling import enable_gradient_checkpointing
+from launcher.model.losses import LossConfig, model_loss_sum
+from launcher.model.build import enable_gradient_checkpointing
 from launcher.recipe import validate_recipe
 from tests.conftest import TINY_LLAMA, tiny_recipe
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.data import collate_padded, prepare_data
-from launcher.metrics import read_metrics
-from launcher.modeling import load_tokenizer
-from launcher.rundir import load_resolved
+from launcher.data.pipeline import collate_padded, prepare_data
+from launcher.train.metrics import read_metrics
+from launcher.model.build import load_tokenizer
+from launcher.run.rundir import load_resolved
 from tests.conftest import train_recipe
 
 pytestmark = pytest.mark.e2e

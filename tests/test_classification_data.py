@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from launcher import classification, task_eval
-from launcher.data import IGNORE_INDEX, Row, TokenizedSplit, collate_padded, encode_rows
+from launcher.tasks import classification
+
+from launcher.tasks import classification_eval as task_eval
+from launcher.data.pipeline import IGNORE_INDEX, Row, TokenizedSplit, collate_padded, encode_rows
 from launcher.errors import UserInputError
-from launcher.modeling import load_tokenizer
+from launcher.model.build import load_tokenizer
 from launcher.recipe import DataSection, LabelsSection, ModelSection, Recipe
 from tests.conftest import DATA, deep_update, tiny_recipe, write_recipe
 

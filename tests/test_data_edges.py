@@ -12,9 +12,9 @@ import pytest
 from transformers import AutoTokenizer
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from launcher.data import IGNORE_INDEX, Row, cache_key, encode_rows, prepare_data
+from launcher.data.pipeline import IGNORE_INDEX, Row, cache_key, encode_rows, prepare_data
 from launcher.recipe import DataSection, LabelsSection
-from launcher.synthetic import save_word_level_tokenizer
+from launcher.data.synthetic import save_word_level_tokenizer
 from tests.conftest import DATA, tiny_recipe, write_recipe
 
 ROW = {"instruction": "add", "input": "1 2", "output": "three"}

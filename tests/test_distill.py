@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.data import IGNORE_INDEX, collate_padded, prepare_data
-from launcher.distill import distill_loss_sum, target_logits
-from launcher.metrics import read_metrics
-from launcher.modeling import build_model, load_task_config, load_tokenizer
-from launcher.rundir import load_resolved
+from launcher.data.pipeline import IGNORE_INDEX, collate_padded, prepare_data
+from launcher.tasks.distill import distill_loss_sum, target_logits
+from launcher.train.metrics import read_metrics
+from launcher.model.build import build_model, load_task_config, load_tokenizer
+from launcher.run.rundir import load_resolved
 from tests.conftest import ROOT, TINY_LLAMA, tiny_recipe, write_recipe
 
 

@@ -8,8 +8,8 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launcher.checkpoint import committed
-from launcher.metrics import read_metrics
+from launcher.checkpoint.commit import committed
+from launcher.train.metrics import read_metrics
 from tests.conftest import probe_matches, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

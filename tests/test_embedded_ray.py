@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 
 PROBE = """
 import ray
-from launcher.orchestrate import start_local_ray
+from launcher.driver.orchestrate import start_local_ray
 
 start_local_ray(num_cpus=1)
 

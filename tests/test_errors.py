@@ -94,9 +94,9 @@ def test_bad_set_override(cli, tmp_path):
 
 
 def test_resume_with_changed_recipe_is_refused(cli, tmp_path):
-    from launcher.prepare import prepare
+    from launcher.driver.prepare import prepare
     from launcher.recipe import Recipe
-    from launcher.rundir import write_run_files
+    from launcher.run.rundir import write_run_files
 
     run_dir = tmp_path / "run"
     first = prepare(Recipe.model_validate(tiny_recipe(run_dir)))

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from launcher.flops import (
+from launcher.train.flops import (
     ModelShape,
     device_peak_flops,
     flops_per_token,
@@ -42,7 +42,7 @@ def test_tied_output_projection_counts_once():
 
 
 def test_peft_model_shape_is_the_base_model_plus_adapters():
-    from launcher.losses import causal_lm
+    from launcher.model.losses import causal_lm
 
     lora = get_peft_model(tiny(), LoraConfig(task_type=TaskType.CAUSAL_LM, r=2, target_modules=["q_proj"]))
     # q_proj A (2x32) + B (32x2) = 128 per layer

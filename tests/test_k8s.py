@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
-from launcher import k8s
+from launcher.jobs import k8s
 from launcher.errors import UserInputError
 from launcher.recipe import load_recipe, validate_recipe
 

@@ -9,8 +9,8 @@ from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from launcher.errors import UserInputError
-from launcher.kernels import plan_kernels, resolve_kernels
-from launcher.losses import LossConfig, hidden_state_loss_supported, model_loss_sum
+from launcher.model.kernels import plan_kernels, resolve_kernels
+from launcher.model.losses import LossConfig, hidden_state_loss_supported, model_loss_sum
 from launcher.recipe import LoraSection, ModelSection
 from tests.conftest import DATA, TINY_LLAMA
 
@@ -129,7 +129,7 @@ def test_impossible_kernel_choices_are_input_errors():
 
 
 def test_fused_loss_obstacles_named():
-    from launcher.kernels import fused_obstacle
+    from launcher.model.kernels import fused_obstacle
 
     assert fused_obstacle("liger", None, 2) is None
     assert "ZeRO-3" in fused_obstacle("liger", None, 3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.metrics import read_metrics
+from launcher.train.metrics import read_metrics
 from tests.conftest import probe_matches, tiny_recipe, write_recipe
 
 METHODS = {

@@ -8,9 +8,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from launcher.checkpoint import committed
-from launcher.metrics import read_metrics
-from launcher.orchestrate import make_trainer
+from launcher.checkpoint.commit import committed
+from launcher.train.metrics import read_metrics
+from launcher.driver.orchestrate import make_trainer
 from launcher.recipe import validate_recipe
 from tests.conftest import tiny_recipe, write_recipe
 from tests.raynodes import LocalRayCluster

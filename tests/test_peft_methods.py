@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.metrics import read_metrics
+from launcher.train.metrics import read_metrics
 from tests.conftest import DATA, ROOT, TINY_LLAMA, probe_matches, tiny_recipe, write_recipe
 from tests.test_classification_data import cls_recipe
 
@@ -107,11 +107,11 @@ def llama_prompt_classifier(tmp_path):
 def test_prompt_tuned_decoder_classifier_pads_left(tmp_path, pad_left, agrees):
     """A decoder classifier under prompt tuning scores the last position: batched with left
     padding it gives each example what it gives it alone; with right padding it does not."""
-    from launcher.classification import model_logits, pads_left
-    from launcher.data import prepare_data
-    from launcher.modeling import apply_adapter, build_model, load_task_config, load_tokenizer
+    from launcher.tasks.classification import model_logits, pads_left
+    from launcher.data.pipeline import prepare_data
+    from launcher.model.build import apply_adapter, build_model, load_task_config, load_tokenizer
     from launcher.recipe import Recipe
-    from launcher.worker import Batches
+    from launcher.train.worker import Batches
 
     recipe = Recipe.model_validate(llama_prompt_classifier(tmp_path))
     assert pads_left(recipe.task, recipe.method, "llama") and not pads_left(recipe.task, recipe.method, "bert")

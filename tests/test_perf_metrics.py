@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from launcher.metrics import format_progress, read_metrics
-from launcher.modeling import resolve_attention
+from launcher.train.metrics import format_progress, read_metrics
+from launcher.model.build import resolve_attention
 from tests.conftest import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

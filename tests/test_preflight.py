@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.preflight import Node, evaluate, inspect_node
+from launcher.driver.preflight import Node, evaluate, inspect_node
 from launcher.recipe import validate_recipe
 from tests.conftest import tiny_recipe, write_recipe
 from tests.raynodes import LocalRayCluster, can_isolate_mounts

@@ -11,7 +11,7 @@ import time
 import pytest
 from transformers import AutoModelForCausalLM
 
-from launcher.metrics import read_metrics
+from launcher.train.metrics import read_metrics
 from tests.conftest import ROOT, probe_matches
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1500)]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.distill import check_teacher
+from launcher.tasks.distill import check_teacher
 from launcher.errors import UserInputError
-from launcher.modeling import check_remote_code_pins, load_model_config, load_tokenizer
+from launcher.model.build import check_remote_code_pins, load_model_config, load_tokenizer
 from launcher.recipe import ModelSection, load_recipe
 from tests.conftest import DATA, TINY_LLAMA, tiny_recipe, write_recipe
 

@@ -2,7 +2,7 @@
 checkpoints, driver death, world-size changes, retention, export and safe loading.
 
 Real local Ray cluster, real DeepSpeed engines; faults come from the launcher's own
-FTLAUNCH_TEST_FAULT hook (launcher/faults.py) or from a real SIGKILL. Attention dropout is on,
+FTLAUNCH_TEST_FAULT hook (launcher/train/faults.py) or from a real SIGKILL. Attention dropout is on,
 so "resume is exact" depends on the RNG state being restored. Runs that change the world size
 turn it off: their data-parallel split of each global batch differs from the reference's, so
 their dropout masks would too."""
@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from launcher import checkpoint as ckpt
-from launcher.metrics import read_metrics
+from launcher.checkpoint import commit as ckpt
+from launcher.train.metrics import read_metrics
 from tests.conftest import ROOT, probe_matches, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from launcher.recipe import load_recipe
-from launcher.secret_env import is_secret_name, secret_key_paths
+from launcher.recipe.secrets import is_secret_name, secret_key_paths
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 PLANTED = "plantedSECRETvalue987"

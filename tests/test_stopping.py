@@ -16,8 +16,8 @@ import psutil
 import yaml
 import pytest
 
-from launcher import checkpoint as ckpt
-from launcher.metrics import read_metrics
+from launcher.checkpoint import commit as ckpt
+from launcher.train.metrics import read_metrics
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

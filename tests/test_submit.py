@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import submit
+from launcher.jobs import submit
 from launcher.errors import UserInputError
 from launcher.recipe import validate_recipe
 from tests.conftest import DATA, tiny_recipe, write_recipe

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher import checkpoint as ckpt
-from launcher.early_stop import history_from, judge
+from launcher.checkpoint import commit as ckpt
+from launcher.train.early_stop import history_from, judge
 from launcher.errors import UserInputError
-from launcher.metrics import read_metrics
+from launcher.train.metrics import read_metrics
 from launcher.recipe import EarlyStoppingSection, FreezeSection, TrainSection
-from launcher.trainable import apply_trainable, optimizer_groups
+from launcher.model.trainable import apply_trainable, optimizer_groups
 from tests.conftest import train_recipe
 from tests.test_classification_data import TINY_BERT
 
@@ -114,7 +114,7 @@ def train_sentiment(run_dir, *overrides):
 
 @pytest.mark.e2e
 def test_early_stopping_exports_the_best_checkpoint(tmp_path):
-    from launcher.export import export_run
+    from launcher.run.export import export_run
 
     run_dir = train_sentiment(
         tmp_path / "run", "train.max_steps=200", "eval.every_steps=5", "eval.at_start=false",
@@ -143,8 +143,8 @@ def test_early_stopping_exports_the_best_checkpoint(tmp_path):
 def test_freezing_and_bitfit_train_only_what_they_claim(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from launcher.modeling import build_model, load_task_config, load_tokenizer
-    from launcher.rundir import load_resolved
+    from launcher.model.build import build_model, load_task_config, load_tokenizer
+    from launcher.run.rundir import load_resolved
 
     frozen_run = train_sentiment(
         tmp_path / "frozen", "train.max_steps=6", "resources.num_workers=1", "eval.every_steps=6",

@@ -17,7 +17,7 @@ from transformers import (
     LlamaConfig,
 )
 
-from launcher.data import (
+from launcher.data.pipeline import (
     IGNORE_INDEX,
     Encoded,
     PackedSplit,
@@ -27,8 +27,8 @@ from launcher.data import (
     flatten_packed,
     pack_examples,
 )
-from launcher.losses import LossConfig, model_loss_sum
-from launcher.worker import Batches
+from launcher.model.losses import LossConfig, model_loss_sum
+from launcher.train.worker import Batches
 from tests.conftest import TINY_LLAMA
 
 CALLS: list[torch.Tensor] = []

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from launcher.data import IGNORE_INDEX
-from launcher.ds_config import zero_stage
+from launcher.data.pipeline import IGNORE_INDEX
+from launcher.recipe.ds_config import zero_stage
 from launcher.errors import UserInputError
 from launcher.recipe import DistillSection, Recipe
 
@@ -68,7 +68,7 @@ def load_teacher(
     under zero.Init, wrapped in a DeepSpeed engine without an optimizer, whose forward gathers
     each layer's weights in turn). ZeRO-1/2 shard only optimizer state and gradients, which a
     teacher has none of, so there each rank holds it whole."""
-    from launcher.modeling import auto_model_class, zero3_init_context
+    from launcher.model.build import auto_model_class, zero3_init_context
 
     stage3 = zero_stage(ds_config) == 3
     config = teacher_ds_config(ds_config) if stage3 else {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from launcher import checkpoint as ckpt
+from launcher.checkpoint import commit as ckpt
 from launcher.errors import ExportError
 
 MODULE_STATES = "mp_rank_00_model_states.pt"

@@ -149,7 +149,7 @@ def load_task_config(recipe: Recipe, pad_token_id: int) -> Any:
     """The model config with the task's head settings (labels, problem type) applied."""
     config = load_model_config(recipe.model)
     if recipe.task != "causal_lm":
-        from launcher.classification import configure_labels
+        from launcher.tasks.classification import configure_labels
 
         configure_labels(config, recipe.task, recipe.labels, pad_token_id)
     return config
@@ -314,7 +314,7 @@ def apply_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     A 4-bit base (QLoRA) is first made trainable the way peft prescribes."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    from launcher.classification import head_module_names
+    from launcher.tasks.classification import head_module_names
 
     check_adapter_targets(model, recipe)
     if recipe.model.quantization != "none":

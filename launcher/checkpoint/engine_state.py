@@ -16,8 +16,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from launcher import checkpoint as ckpt
-from launcher.faults import fault_point
+from launcher.checkpoint import commit as ckpt
+from launcher.train.faults import fault_point
 from launcher.ranks import Rank, any_rank, gather
 from launcher.recipe import CheckpointSection, Recipe
 

@@ -13,14 +13,14 @@ from typing import Any
 
 import torch
 
-from launcher.classification import head_module_names, infer_label_names
-from launcher.data import PreparedData, numeric_fields, pack_examples, prepare_data, read_rows
-from launcher.distill import check_teacher
-from launcher.ds_config import resolve_ds_config, zero_stage
-from launcher.early_stop import reported_metrics
+from launcher.tasks.classification import head_module_names, infer_label_names
+from launcher.data.pipeline import PreparedData, numeric_fields, pack_examples, prepare_data, read_rows
+from launcher.tasks.distill import check_teacher
+from launcher.recipe.ds_config import resolve_ds_config, zero_stage
+from launcher.train.early_stop import reported_metrics
 from launcher.errors import UserInputError
-from launcher.kernels import plan_kernels
-from launcher.modeling import (
+from launcher.model.kernels import plan_kernels
+from launcher.model.build import (
     check_adapter_targets,
     hidden_size,
     load_model_config,
@@ -30,7 +30,7 @@ from launcher.modeling import (
     resolve_attention,
 )
 from launcher.recipe import DataSource, Recipe
-from launcher.trainable import apply_trainable, check_lr_groups
+from launcher.model.trainable import apply_trainable, check_lr_groups
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from launcher.checkpoint import write_atomic
+from launcher.checkpoint.commit import write_atomic
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from launcher import checkpoint as ckpt
-from launcher.classification import head_module_names, pads_left
+from launcher.checkpoint import commit as ckpt
+from launcher.tasks.classification import head_module_names, pads_left
 from launcher.errors import ExportError, UserInputError
-from launcher.modeling import (
+from launcher.model.build import (
     DTYPES,
     adapter_config,
     auto_model_class,
@@ -26,8 +26,8 @@ from launcher.modeling import (
     load_tokenizer,
 )
 from launcher.recipe import Recipe
-from launcher.rundir import load_resolved
-from launcher.worker import PROBE, probe_ids
+from launcher.run.rundir import load_resolved
+from launcher.train.worker import PROBE, probe_ids
 
 EXPORT_MARK = "ftlaunch_export.json"  # in every export: the files it wrote
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -55,7 +55,7 @@ def choose_checkpoint(run_dir: Path, step: int | None) -> ckpt.Candidate:
 
 def consolidated_state(chosen: ckpt.Candidate) -> dict[str, torch.Tensor]:
     """The checkpoint's full fp32 weights, read the way its ZeRO stage saved them."""
-    from launcher import consolidate
+    from launcher.checkpoint import consolidate
 
     manifest = ckpt.read_manifest(chosen.path)
     if manifest is None:

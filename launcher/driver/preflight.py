@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserInputError
-from launcher.ports import free_port
+from launcher.driver.ports import free_port
 from launcher.recipe import Recipe, load_recipe
 
 PACKAGES = ("torch", "transformers", "deepspeed", "peft", "ray")
@@ -578,7 +578,7 @@ def run(args: argparse.Namespace) -> int:
     """``ftlaunch preflight``: print the table; exit 0 when every check passed, else 2."""
     import ray
 
-    from launcher import orchestrate
+    from launcher.driver import orchestrate
 
     recipe = load_recipe(args.recipe, args.set, args.output_dir)
     output_dir = Path(recipe.output_dir).expanduser().resolve()

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher import classification
-from launcher.data import IGNORE_INDEX, TokenizedSplit
+from launcher.tasks import classification
+from launcher.data.pipeline import IGNORE_INDEX, TokenizedSplit
 from launcher.ranks import Rank, all_reduce, gather
 from launcher.recipe import LabelsSection
 

@@ -39,7 +39,7 @@ class StopRequest:
 
 
 def request(run_dir: Path, req: StopRequest) -> None:
-    from launcher.checkpoint import write_atomic
+    from launcher.checkpoint.commit import write_atomic
 
     write_atomic(run_dir / STOP_FILE, json.dumps(req.__dict__))
 

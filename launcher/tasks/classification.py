@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from launcher.data import IGNORE_INDEX, Encoded, Row, RowError
+from launcher.data.pipeline import IGNORE_INDEX, Encoded, Row, RowError
 from launcher.errors import UserInputError
 from launcher.recipe import DataSection, FieldNames, LabelsSection
 

@@ -32,7 +32,7 @@ from urllib.parse import urlparse
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe, load_recipe
-from launcher.secret_env import SECRETS_HELP, is_secret_name
+from launcher.recipe.secrets import SECRETS_HELP, is_secret_name
 
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 STOP_TIMEOUT_S = 60.0
@@ -187,7 +187,7 @@ def refuse_shipped_secrets(recipe: Recipe, files: Mapping[str, Path]) -> None:
     """A DeepSpeed JSON file is shipped in the working_dir, which the cluster stores: one that
     holds a secret-looking key is refused here, before it leaves this machine."""
     if "deepspeed.config" in files:
-        from launcher.ds_config import load_base_config, refuse_secrets
+        from launcher.recipe.ds_config import load_base_config, refuse_secrets
 
         refuse_secrets(*load_base_config(recipe.deepspeed.config))
 

@@ -10,11 +10,11 @@ from typing import Literal
 import torch
 
 from launcher.errors import UserInputError
-from launcher.losses import LossConfig
+from launcher.model.losses import LossConfig
 from launcher.recipe import LoraSection, ModelSection
 
 KernelChoice = Literal["liger", "none"]
-# Everything but the loss: the loss is computed by launcher.losses on the model's hidden
+# Everything but the loss: the loss is computed by launcher.model.losses on the model's hidden
 # states, which keeps the model's own forward (and ZeRO-3's hooks) untouched.
 LIGER_OPTIONS = {
     "rope": True,

@@ -5,7 +5,7 @@ exact answer: add two digits and write the sum in words, or spell a short number
 digit. The classification tasks are decided by keywords among filler words, so a tiny model
 learns them in a few dozen steps: sentiment (SST-2-shaped), paraphrase of a sentence pair
 (MRPC-shaped), number entities in BIO tags (CoNLL-shaped) and multi-label topics.
-``python -m launcher.synthetic OUT_DIR`` writes the tokenizer and every data set.
+``python -m launcher.data.synthetic OUT_DIR`` writes the tokenizer and every data set.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every field's description is its documentation (``ftlaunch check --explain`` prints them).
 Validation here is purely structural and arithmetic; checks that need the model, tokenizer or
-hardware live in ``launcher/preflight.py``.
+hardware live in ``launcher/driver/preflight.py``.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.errors import UserInputError
-from launcher.secret_env import SECRETS_HELP, is_secret_name, secret_key_paths
-from launcher.yamlio import KeyPath, apply_overrides, load_yaml_with_lines
+from launcher.recipe.secrets import SECRETS_HELP, is_secret_name, secret_key_paths
+from launcher.recipe.load import KeyPath, apply_overrides, load_yaml_with_lines
 
 AttentionKernel = Literal["auto", "flash_attention_2", "flex", "sdpa", "eager"]
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -13,13 +13,13 @@ from typing import Any
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
-from launcher.secret_env import SECRETS_HELP, secret_key_paths
+from launcher.recipe.secrets import SECRETS_HELP, secret_key_paths
 
 # The presets ship inside the package (launcher/ds_configs/ in a wheel, mapped there by
 # pyproject.toml) and live in the top-level ds_configs/ of a source checkout or editable install.
 PRESET_DIRS = (
-    Path(__file__).resolve().parent / "ds_configs",
-    Path(__file__).resolve().parent.parent / "ds_configs",
+    Path(__file__).resolve().parents[1] / "ds_configs",
+    Path(__file__).resolve().parents[2] / "ds_configs",
 )
 DEFAULT_BUCKET = 500_000_000
 MIN_BUCKET = 1 << 22

@@ -24,7 +24,7 @@ import yaml
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe, load_recipe
-from launcher.secret_env import SECRETS_HELP, is_secret_name
+from launcher.recipe.secrets import SECRETS_HELP, is_secret_name
 
 RECIPE_DIR = "/etc/ftlaunch"
 RECIPE_FILE = "recipe.yaml"

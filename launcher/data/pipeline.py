@@ -492,7 +492,7 @@ def encode_rows(
     rows: Sequence[Row], cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None
 ) -> tuple[list[Encoded], SplitStats]:
     """Encode every row; ``labels`` is the resolved label set of the classification formats."""
-    from launcher import classification
+    from launcher.tasks import classification
 
     template = resolve_chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     if cfg.format in ("classification", "tagging") and labels is None:

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserInputError
-from launcher.ports import free_port
+from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
-from launcher.stop import Signals
+from launcher.driver.stop import Signals
 
 QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -80,7 +80,7 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from launcher.worker import train_loop_per_worker
+    from launcher.train.worker import train_loop_per_worker
 
     res = recipe.resources
     per_worker = {"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {})
@@ -113,14 +113,14 @@ def run_torchrun(recipe: Recipe, run_dir: Path, signals: Signals) -> int:
     """Single node without Ray: torchrun starts one worker process per GPU (or CPU worker).
 
     torchrun gets its own session, so a Ctrl-C in the terminal reaches only this driver,
-    which then stops the workers through the run directory (launcher.stop)."""
+    which then stops the workers through the run directory (launcher.driver.stop)."""
     import subprocess
     import sys
 
     env = os.environ | QUIET_WORKER_ENV | recipe.resources.worker_env()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc_per_node={recipe.resources.num_workers}", "-m", "launcher.worker", str(run_dir),
+        f"--nproc_per_node={recipe.resources.num_workers}", "-m", "launcher.train.worker", str(run_dir),
     ]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     try:
@@ -163,7 +163,7 @@ def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals:
 
     from ray.train import TrainingFailedError
 
-    from launcher.metrics import ProgressFollower
+    from launcher.train.metrics import ProgressFollower
 
     before = _attempts(run_dir)
     outcome: dict[str, BaseException] = {}

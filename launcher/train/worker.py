@@ -1,6 +1,6 @@
 """The per-rank training program: a plain function of the recipe and the rank environment.
 
-Ray Train calls :func:`train_loop_per_worker`; without Ray, ``torchrun -m launcher.worker
+Ray Train calls :func:`train_loop_per_worker`; without Ray, ``torchrun -m launcher.train.worker
 RUN_DIR`` (or the ``deepspeed`` launcher) runs the same loop on a run directory that
 ``ftlaunch check --write RUN_DIR`` or a previous launch prepared.
 """
@@ -21,9 +21,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher import checkpoint as ckpt
-from launcher import classification, distill, early_stop, engine_state, stop, task_eval
-from launcher.data import (
+from launcher.checkpoint import commit as ckpt
+from launcher.tasks import classification
+from launcher.tasks import distill
+from launcher.train import early_stop
+from launcher.checkpoint import engine_state
+from launcher.driver import stop
+from launcher.tasks import classification_eval as task_eval
+from launcher.data.pipeline import (
     IGNORE_INDEX,
     PackedSplit,
     PreparedData,
@@ -37,13 +42,13 @@ from launcher.data import (
     prepare_data,
     total_steps,
 )
-from launcher.ds_config import offloads_optimizer, zero_stage
-from launcher.faults import fault_point
-from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
-from launcher.kernels import KernelPlan, apply_kernels, plan_kernels
-from launcher.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
-from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
-from launcher.modeling import (
+from launcher.recipe.ds_config import offloads_optimizer, zero_stage
+from launcher.train.faults import fault_point
+from launcher.train.flops import device_peak_flops, flops_per_token, mfu, model_shape
+from launcher.model.kernels import KernelPlan, apply_kernels, plan_kernels
+from launcher.model.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
+from launcher.train.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
+from launcher.model.build import (
     DTYPES,
     apply_adapter,
     build_model,
@@ -55,8 +60,8 @@ from launcher.modeling import (
 )
 from launcher.ranks import Rank, all_reduce, current_rank, gather
 from launcher.recipe import EarlyStoppingSection, Recipe, TrainSection
-from launcher.schedule import lr_lambda
-from launcher.trainable import apply_trainable, optimizer_groups
+from launcher.train.schedule import lr_lambda
+from launcher.model.trainable import apply_trainable, optimizer_groups
 
 # ---------------------------------------------------------------- entry points
 
@@ -71,7 +76,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """torchrun / deepspeed-launcher entry: ``python -m launcher.worker RUN_DIR``."""
+    """torchrun / deepspeed-launcher entry: ``python -m launcher.train.worker RUN_DIR``."""
     import yaml
 
     run_dir = Path((argv or sys.argv[1:])[0]).resolve()
@@ -507,7 +512,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
 
 
 class PreemptState:
-    """The loop's side of a stop request (launcher.stop): the newest saved step and how long
+    """The loop's side of a stop request (launcher.driver.stop): the newest saved step and how long
     the last save took, to decide at a step boundary whether a checkpoint still fits."""
 
     def __init__(self, start: int):
