@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.data.pipeline import collate_padded, prepare_data
+from launcher.data.batch import collate_padded
+from launcher.data.pipeline import prepare_data
 from launcher.train.metrics import read_metrics
 from launcher.model.build import load_tokenizer
 from launcher.run.rundir import load_resolved

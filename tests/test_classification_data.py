@@ -9,10 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from launcher.data import labels
 from launcher.tasks import classification
 
 from launcher.tasks import classification_eval as task_eval
-from launcher.data.pipeline import IGNORE_INDEX, Row, TokenizedSplit, collate_padded, encode_rows
+from launcher.data.tokenized import IGNORE_INDEX, Row, TokenizedSplit
+from launcher.data.batch import collate_padded
+from launcher.data.encode import encode_rows
 from launcher.errors import UserInputError
 from launcher.model.build import load_tokenizer
 from launcher.recipe import DataSection, LabelsSection, ModelSection, Recipe
@@ -99,11 +102,11 @@ def test_cache_round_trip_keeps_targets(tmp_path, tokenizer):
 
 
 def test_label_names_inferred_from_data():
-    names = classification.infer_label_names(
+    names = labels.infer_label_names(
         rows({"tags": ["I-X", "O", "B-X"]}), "tagging", section("tagging").fields
     )
     assert names == ["O", "B-X", "I-X"]
-    names = classification.infer_label_names(
+    names = labels.infer_label_names(
         rows({"label": 2}, {"label": 0}), "classification", section("classification").fields
     )
     assert names == ["0", "1", "2"]

@@ -9,19 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from launcher.data.pipeline import (
-    IGNORE_INDEX,
-    StepPlan,
-    TokenizedSplit,
-    block_diagonal_mask,
-    cache_key,
-    collate_packed,
-    collate_padded,
-    encode_rows,
-    pack_examples,
-    prepare_data,
-    read_rows,
-)
+from launcher.data.tokenized import IGNORE_INDEX, TokenizedSplit
+from launcher.data.batch import StepPlan, collate_padded
+from launcher.data.pack import block_diagonal_mask, collate_packed, pack_examples
+from launcher.data.cache import cache_key
+from launcher.data.encode import encode_rows
+from launcher.data.pipeline import prepare_data
+from launcher.data.read import read_rows
 from launcher.recipe import DataSection
 from tests.conftest import DATA, TINY_LLAMA
 

@@ -12,7 +12,10 @@ import pytest
 from transformers import AutoTokenizer
 from transformers.models.bert.tokenization_bert_legacy import BertTokenizerLegacy
 
-from launcher.data.pipeline import IGNORE_INDEX, Row, cache_key, encode_rows, prepare_data
+from launcher.data.tokenized import IGNORE_INDEX, Row
+from launcher.data.cache import cache_key
+from launcher.data.encode import encode_rows
+from launcher.data.pipeline import prepare_data
 from launcher.recipe import DataSection, LabelsSection
 from launcher.data.synthetic import save_word_level_tokenizer
 from tests.conftest import DATA, tiny_recipe, write_recipe

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.data.pipeline import IGNORE_INDEX, collate_padded, prepare_data
+from launcher.data.tokenized import IGNORE_INDEX
+from launcher.data.batch import collate_padded
+from launcher.data.pipeline import prepare_data
 from launcher.tasks.distill import distill_loss_sum, target_logits
 from launcher.train.metrics import read_metrics
-from launcher.model.build import build_model, load_task_config, load_tokenizer
+from launcher.model.build import build_model, load_tokenizer
+from launcher.tasks.base import load_task_config
 from launcher.run.rundir import load_resolved
 from tests.conftest import ROOT, TINY_LLAMA, tiny_recipe, write_recipe
 

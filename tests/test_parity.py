@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from launcher.data.pipeline import StepPlan, collate_padded, prepare_data
+from launcher.data.batch import StepPlan, collate_padded
+from launcher.data.pipeline import prepare_data
 from launcher.train.metrics import read_metrics
 from launcher.model.build import load_model_config
 from launcher.recipe import Recipe
 from launcher.train.schedule import lr_lambda
-from launcher.train.worker import token_loss_sum
+from launcher.model.losses import token_loss_sum
 from tests.conftest import DATA, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.e2e

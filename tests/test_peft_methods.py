@@ -109,9 +109,11 @@ def test_prompt_tuned_decoder_classifier_pads_left(tmp_path, pad_left, agrees):
     padding it gives each example what it gives it alone; with right padding it does not."""
     from launcher.tasks.classification import model_logits, pads_left
     from launcher.data.pipeline import prepare_data
-    from launcher.model.build import apply_adapter, build_model, load_task_config, load_tokenizer
+    from launcher.model.adapters import apply_adapter
+    from launcher.model.build import build_model, load_tokenizer
+    from launcher.tasks.base import load_task_config
     from launcher.recipe import Recipe
-    from launcher.train.worker import Batches
+    from launcher.data.batch import Batches
 
     recipe = Recipe.model_validate(llama_prompt_classifier(tmp_path))
     assert pads_left(recipe.task, recipe.method, "llama") and not pads_left(recipe.task, recipe.method, "bert")

@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from launcher.train.metrics import format_progress, read_metrics
+from launcher.driver.progress import format_progress
+from launcher.train.metrics import read_metrics
 from launcher.model.build import resolve_attention
 from tests.conftest import tiny_recipe, write_recipe
 

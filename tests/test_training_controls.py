@@ -143,7 +143,8 @@ def test_early_stopping_exports_the_best_checkpoint(tmp_path):
 def test_freezing_and_bitfit_train_only_what_they_claim(tmp_path):
     from transformers import AutoModelForSequenceClassification
 
-    from launcher.model.build import build_model, load_task_config, load_tokenizer
+    from launcher.model.build import build_model, load_tokenizer
+    from launcher.tasks.base import load_task_config
     from launcher.run.rundir import load_resolved
 
     frozen_run = train_sentiment(

@@ -17,18 +17,11 @@ from transformers import (
     LlamaConfig,
 )
 
-from launcher.data.pipeline import (
-    IGNORE_INDEX,
-    Encoded,
-    PackedSplit,
-    TokenizedSplit,
-    collate_packed,
-    collate_padded,
-    flatten_packed,
-    pack_examples,
-)
+from launcher.data.tokenized import IGNORE_INDEX, Encoded, TokenizedSplit
+from launcher.data.pack import PackedSplit, collate_packed, flatten_packed, pack_examples
+from launcher.data.batch import collate_padded
 from launcher.model.losses import LossConfig, model_loss_sum
-from launcher.train.worker import Batches
+from launcher.data.batch import Batches
 from tests.conftest import TINY_LLAMA
 
 CALLS: list[torch.Tensor] = []

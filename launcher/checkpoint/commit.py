@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from launcher.durable import fsync_path, sha256_file
+from launcher.durable import fsync_path, sha256_file, write_atomic  # noqa: F401
+from launcher.run.rundir import RunDir
 from launcher.errors import UserInputError
 
 MARKER = "COMMITTED.json"
@@ -49,22 +50,11 @@ ALLOWED_GLOBALS = frozenset({
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
-    return run_dir / "checkpoints"
+    return RunDir(run_dir).checkpoints
 
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """temp + fsync + rename + fsync(dir): readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def payload_files(ckpt: Path) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import torch.distributed as dist
 
 from launcher.checkpoint import commit as ckpt
-from launcher.train.faults import fault_point
 from launcher.ranks import Rank, any_rank, gather
-from launcher.recipe import CheckpointSection, Recipe
+from launcher.recipe import CheckpointSection
+from launcher.run.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,12 @@ def restore(engine: Any, point: ResumePoint, rank: Rank) -> int:
     return point.candidate.step
 
 
-def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> None:
+def save(
+    engine: Any, run_dir: Path, step: int, rank: Rank, cfg: CheckpointSection,
+    recipe: dict[str, Any], before_commit: Callable[[], None] = lambda: None,
+) -> None:
+    """Save and commit step ``step`` (every rank calls it); ``recipe`` (the resolved recipe,
+    as data) goes into the trainer state, ``before_commit`` runs once all shards are hashed."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     root = ckpt.checkpoints_dir(run_dir)
@@ -89,17 +95,17 @@ def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> N
     engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
     ckpt.save_rng(path, rank.rank)
     if rank.rank == 0:
-        state = {"step": step, "world_size": rank.world, "recipe": recipe.model_dump(mode="json")}
+        state = {"step": step, "world_size": rank.world, "recipe": recipe}
         ckpt.trainer_state_path(path).write_text(json.dumps(state, indent=1))
     dist.barrier()
     mine = ckpt.flush_and_hash(path, ckpt.share(ckpt.payload_files(path), rank.rank, rank.world))
     gathered = gather(mine, rank)
-    fault_point("save", step, run_dir, rank)
+    before_commit()
     if rank.rank == 0:
         entries = {k: v for part in gathered for k, v in part.items()}
         info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
         ckpt.commit(path, entries, info)
-        ckpt.retain(run_dir, recipe.checkpoint.keep_last, keep=ckpt.best_steps(run_dir),
+        ckpt.retain(run_dir, cfg.keep_last, keep=ckpt.best_steps(run_dir),
                     warn=lambda message: rank.log(f"WARNING: {message}"))
         rank.log(f"checkpoint committed: {path}")
     dist.barrier()
@@ -144,5 +150,5 @@ def record_attempt(run_dir: Path, start: int, point: ResumePoint, rank: Rank) ->
             "time": time.time(), "resume_step": start, "world": rank.world,
             "universal": point.universal, "skipped": list(point.skipped),
         }
-        with (run_dir / "attempts.jsonl").open("a") as f:
+        with RunDir(run_dir).attempts.open("a") as f:
             f.write(json.dumps(record) + "\n")

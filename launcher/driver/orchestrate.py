@@ -11,6 +11,7 @@ from launcher.errors import UserInputError
 from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
 from launcher.driver.stop import Signals
+from launcher.run.rundir import RunDir
 
 QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -101,7 +102,7 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
             placement_strategy=res.placement_strategy,
         ),
         run_config=RunConfig(
-            name="ray",
+            name=RunDir.ray_storage_name,
             storage_path=str(run_dir),
             failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
             worker_runtime_env={"env_vars": QUIET_WORKER_ENV | res.worker_env()},
@@ -163,7 +164,7 @@ def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals:
 
     from ray.train import TrainingFailedError
 
-    from launcher.train.metrics import ProgressFollower
+    from launcher.driver.progress import ProgressFollower
 
     before = _attempts(run_dir)
     outcome: dict[str, BaseException] = {}
@@ -191,7 +192,7 @@ def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals:
 
 
 def _attempts(run_dir: Path) -> int:
-    path = run_dir / "attempts.jsonl"
+    path = RunDir(run_dir).attempts
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 

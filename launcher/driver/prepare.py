@@ -13,15 +13,18 @@ from typing import Any
 
 import torch
 
-from launcher.tasks.classification import head_module_names, infer_label_names
-from launcher.data.pipeline import PreparedData, numeric_fields, pack_examples, prepare_data, read_rows
+from launcher.data.labels import infer_label_names
+from launcher.data.tokenized import PreparedData
+from launcher.data.read import numeric_fields, read_rows
+from launcher.data.pack import pack_examples
+from launcher.data.pipeline import prepare_data
 from launcher.tasks.distill import check_teacher
 from launcher.recipe.ds_config import resolve_ds_config, zero_stage
-from launcher.train.early_stop import reported_metrics
+from launcher.tasks.base import task_for
 from launcher.errors import UserInputError
 from launcher.model.kernels import plan_kernels
+from launcher.model.adapters import check_adapter_targets
 from launcher.model.build import (
-    check_adapter_targets,
     hidden_size,
     load_model_config,
     load_tokenizer,
@@ -112,7 +115,7 @@ def with_label_names(recipe: Recipe) -> Recipe:
 
 def check_trainable(recipe: Recipe, model: torch.nn.Module) -> None:
     """train.freeze and train.lr_groups name parameters this model has (full and bitfit)."""
-    head = head_module_names(model) if recipe.task != "causal_lm" else []
+    head = task_for(recipe).head_modules(model)
     apply_trainable(model, recipe.method, recipe.train.freeze, head)
     check_lr_groups([n for n, p in model.named_parameters() if p.requires_grad], recipe.train)
 
@@ -136,11 +139,7 @@ def check_early_stopping(recipe: Recipe) -> None:
     stopping = recipe.eval.early_stopping
     if stopping is None:
         return
-    labels = recipe.labels
-    known = reported_metrics(
-        recipe.task, labels.problem_type if labels else None, labels.num_labels if labels else 0,
-        recipe.eval.exact_match is not None,
-    )
+    known = task_for(recipe).reported_metrics(recipe.eval)
     if stopping.metric not in known:
         raise UserInputError(
             "eval.early_stopping.metric",

@@ -1,4 +1,5 @@
-"""Stopping a run on request: the driver's side (signals) and the workers' side (a flag file).
+"""Stopping a run on request, the driver's side: signals become a stop request file
+(launcher.run.stop_file) that the workers obey (launcher.train.preempt).
 
 On SIGINT or SIGTERM the driver writes ``STOP.json`` into the run directory. Every rank
 checks it at each step boundary (rank 0 reads it, one all-reduce tells the others), so all
@@ -9,39 +10,18 @@ the request's deadline (or a second signal), then kills what is still running.
 
 from __future__ import annotations
 
-import json
 import signal
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from launcher.ranks import Rank
+from launcher.run.stop_file import StopRequest, clear, request  # noqa: F401  (clear: the CLI's)
 
-
-STOP_FILE = "STOP.json"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
-
-
-@dataclass(frozen=True)
-class StopRequest:
-    signal: str
-    save: bool
-    deadline: float  # time.time() after which the driver kills the workers
-
-    def seconds_left(self) -> float:
-        return self.deadline - time.time()
-
-
-def request(run_dir: Path, req: StopRequest) -> None:
-    from launcher.checkpoint.commit import write_atomic
-
-    write_atomic(run_dir / STOP_FILE, json.dumps(req.__dict__))
 
 
 def resume_command(argv: list[str]) -> str:
@@ -50,34 +30,6 @@ def resume_command(argv: list[str]) -> str:
     import shlex
 
     return f"cd {shlex.quote(os.getcwd())} && ftlaunch {shlex.join(argv)}"
-
-
-def clear(run_dir: Path) -> None:
-    """Forget a request left by an earlier, stopped launch (called before workers start)."""
-    (run_dir / STOP_FILE).unlink(missing_ok=True)
-
-
-def read(run_dir: Path) -> StopRequest | None:
-    try:
-        data = json.loads((run_dir / STOP_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return StopRequest(str(data["signal"]), bool(data["save"]), float(data["deadline"]))
-
-
-def agreed(run_dir: Path, rank: "Rank") -> StopRequest | None:
-    """The stop request, the same on every rank (a collective: every rank calls it)."""
-    from launcher.ranks import any_rank, gather
-
-    mine = read(run_dir) if rank.rank == 0 else None
-    if not any_rank(mine is not None, rank):
-        return None
-    return gather(mine, rank)[0]
-
-
-def save_fits(req: StopRequest, last_save_s: float | None) -> bool:
-    """Worth starting a save: asked for, and (when a save was timed) it should end in time."""
-    return req.save and (last_save_s is None or last_save_s < req.seconds_left())
 
 
 class Signals:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import IA3Section, LoraSection, ModelSection, PromptSection, Recipe
+from launcher.recipe import TASKS, ModelSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_ATTENTION = {
@@ -23,23 +23,11 @@ HF_ATTENTION = {
 }
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
-AUTO_CLASSES = {
-    "causal_lm": "AutoModelForCausalLM",
-    "sequence_classification": "AutoModelForSequenceClassification",
-    "token_classification": "AutoModelForTokenClassification",
-}
-PEFT_TASK_TYPES = {
-    "causal_lm": "CAUSAL_LM",
-    "sequence_classification": "SEQ_CLS",
-    "token_classification": "TOKEN_CLS",
-}
-
-
 def auto_model_class(task: str) -> Any:
     """The transformers Auto class that builds, saves and reloads a model for ``task``."""
     import transformers
 
-    return getattr(transformers, AUTO_CLASSES[task])
+    return getattr(transformers, TASKS[task].auto_class)
 
 
 def flash_attention_available() -> bool:
@@ -145,16 +133,6 @@ def load_model_config(cfg: ModelSection) -> Any:
         raise UserInputError("model.name_or_path", f"cannot load '{cfg.name_or_path}': {e}") from None
 
 
-def load_task_config(recipe: Recipe, pad_token_id: int) -> Any:
-    """The model config with the task's head settings (labels, problem type) applied."""
-    config = load_model_config(recipe.model)
-    if recipe.task != "causal_lm":
-        from launcher.tasks.classification import configure_labels
-
-        configure_labels(config, recipe.task, recipe.labels, pad_token_id)
-    return config
-
-
 def max_positions(config: Any) -> int | None:
     for key in POSITION_KEYS:
         value = getattr(config, key, None)
@@ -175,29 +153,6 @@ def meta_model(config: Any, task: str = "causal_lm") -> torch.nn.Module:
             return auto_model_class(task).from_config(config)
     except (TypeError, ValueError, ArithmeticError) as e:  # a config value of the wrong kind
         raise UserInputError("model", f"the model cannot be built from its config: {e}") from None
-
-
-def lora_target_misses(model: torch.nn.Module, targets: list[str]) -> list[str]:
-    names = [n for n, _ in model.named_modules()]
-    return [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
-
-
-def linear_module_suffixes(model: torch.nn.Module) -> list[str]:
-    return sorted(
-        {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    )
-
-
-def check_lora_targets(model: torch.nn.Module, lora: LoraSection) -> None:
-    if lora.target_modules == "all-linear":
-        return
-    misses = lora_target_misses(model, lora.target_modules)
-    if misses:
-        raise UserInputError(
-            "lora.target_modules",
-            f"no module of the model matches {misses}; linear modules are "
-            f"{linear_module_suffixes(model)}",
-        )
 
 
 def zero3_init_context(ds_config: dict[str, Any]) -> AbstractContextManager[Any]:
@@ -223,7 +178,7 @@ def build_model(
     cfg: ModelSection, config: Any, attention: str, task: str = "causal_lm"
 ) -> torch.nn.Module:
     """The model for ``task``; a classification head missing from the checkpoint is freshly
-    initialised (``config`` carries its labels, see classification.configure_labels)."""
+    initialised (``config`` carries its labels, see the task's configure)."""
     check_remote_code_pins(cfg)
     auto = auto_model_class(task)
     dtype = DTYPES[cfg.dtype]
@@ -255,90 +210,6 @@ def quantization_kwargs(cfg: ModelSection) -> dict[str, Any]:
     return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
 
 
-def lora_config(
-    lora: LoraSection, task: str = "causal_lm", head: list[str] | None = None
-) -> Any:
-    """peft's LoraConfig. A task ``head`` (new classification layers) is trained in full
-    beside the adapter and never itself adapted."""
-    from peft import LoraConfig, TaskType
-
-    head = head or []
-    return LoraConfig(
-        task_type=TaskType[PEFT_TASK_TYPES[task]],
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        exclude_modules=head or None,
-        bias=lora.bias,
-        modules_to_save=list(dict.fromkeys([*lora.modules_to_save, *head])) or None,
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-    )
-
-
-def ia3_config(ia3: IA3Section, task: str = "causal_lm", head: list[str] | None = None) -> Any:
-    from peft import IA3Config, TaskType
-
-    return IA3Config(
-        task_type=TaskType[PEFT_TASK_TYPES[task]],
-        target_modules=ia3.target_modules,
-        feedforward_modules=ia3.feedforward_modules,
-        exclude_modules=head or None,
-        modules_to_save=head or None,
-    )
-
-
-def prompt_config(method: str, prompt: PromptSection, task: str, head: list[str]) -> Any:
-    from peft import PrefixTuningConfig, PromptTuningConfig, TaskType
-
-    kind = PromptTuningConfig if method == "prompt_tuning" else PrefixTuningConfig
-    return kind(
-        task_type=TaskType[PEFT_TASK_TYPES[task]],
-        num_virtual_tokens=prompt.num_virtual_tokens,
-        modules_to_save=head or None,
-    )
-
-
-def adapter_config(recipe: Recipe, head: list[str]) -> Any:
-    """peft's config for the recipe's adapter method."""
-    if recipe.method == "ia3":
-        return ia3_config(recipe.ia3, recipe.task, head)
-    if recipe.method in ("prompt_tuning", "prefix_tuning"):
-        return prompt_config(recipe.method, recipe.prompt, recipe.task, head)
-    return lora_config(recipe.lora, recipe.task, head)
-
-
-def apply_adapter(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    """Wrap the model in the recipe's peft adapter; a new task head trains in full beside it.
-    A 4-bit base (QLoRA) is first made trainable the way peft prescribes."""
-    from peft import get_peft_model, prepare_model_for_kbit_training
-
-    from launcher.tasks.classification import head_module_names
-
-    check_adapter_targets(model, recipe)
-    if recipe.model.quantization != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    head = head_module_names(model) if recipe.task != "causal_lm" else []
-    return get_peft_model(model, adapter_config(recipe, head))
-
-
-def check_adapter_targets(model: torch.nn.Module, recipe: Recipe) -> None:
-    if recipe.method == "lora":
-        check_lora_targets(model, recipe.lora)
-        return
-    if recipe.method != "ia3":
-        return
-    targets = (recipe.ia3.target_modules or []) + (recipe.ia3.feedforward_modules or [])
-    misses = lora_target_misses(model, targets)
-    if misses:
-        raise UserInputError(
-            "ia3.target_modules",
-            f"no module of the model matches {misses}; linear modules are "
-            f"{linear_module_suffixes(model)}",
-        )
-
-
 def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:
     """Non-reentrant activation checkpointing of every ``every``-th decoder layer (index % every
     == 0), through transformers' own per-layer switch."""
@@ -356,3 +227,14 @@ def enable_gradient_checkpointing(model: Any, every: int = 1) -> None:
             "activation_checkpointing_enable(every_n_layers=...); use 1",
         )
     model.config.use_cache = False
+
+
+def head_module_names(model: torch.nn.Module) -> list[str]:
+    """A task head's top-level modules (``classifier`` for BERT, ``score`` for Llama): the
+    children with parameters that are not the pretrained body."""
+    body = getattr(model, "base_model_prefix", "")
+    return [
+        name
+        for name, child in model.named_children()
+        if name != body and any(True for _ in child.parameters())
+    ]

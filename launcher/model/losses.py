@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from launcher.data.pipeline import IGNORE_INDEX
+from launcher.data.tokenized import IGNORE_INDEX
 
 LossKind = Literal["fused", "chunked", "plain"]
 # Config fields of families whose forward changes the logits after the output projection;

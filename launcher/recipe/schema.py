@@ -326,11 +326,42 @@ ADAPTER_SECTIONS = {
     "lora": "lora", "ia3": "ia3", "prompt_tuning": "prompt", "prefix_tuning": "prompt",
 }
 ADAPTER_METHODS = tuple(ADAPTER_SECTIONS)
-TASK_FORMATS = {
-    "causal_lm": ("instruction", "chat", "text"),
-    "sequence_classification": ("classification",),
-    "token_classification": ("tagging",),
+
+
+class TaskKind(BaseModel):
+    """What the rest of the launcher needs to know of a task, by name: the data formats it
+    trains on, the transformers Auto class and peft task type of its model, whether the model
+    gets a new head (which trains in full beside an adapter), the label problem types it
+    takes (none: no labels section) and whether its rows can be packed. The behaviour of
+    each task lives in launcher/tasks/."""
+
+    model_config = ConfigDict(frozen=True)
+    formats: tuple[str, ...]
+    auto_class: str
+    peft_task_type: str
+    new_head: bool
+    problem_types: tuple[str, ...] = ()
+    packing: bool = False
+
+
+# The task enum: a new task adds its entry here and its behaviour in launcher/tasks/.
+TASKS = {
+    "causal_lm": TaskKind(
+        formats=("instruction", "chat", "text"), auto_class="AutoModelForCausalLM",
+        peft_task_type="CAUSAL_LM", new_head=False, packing=True,
+    ),
+    "sequence_classification": TaskKind(
+        formats=("classification",), auto_class="AutoModelForSequenceClassification",
+        peft_task_type="SEQ_CLS", new_head=True,
+        problem_types=("single_label", "multi_label", "regression"),
+    ),
+    "token_classification": TaskKind(
+        formats=("tagging",), auto_class="AutoModelForTokenClassification",
+        peft_task_type="TOKEN_CLS", new_head=True, problem_types=("single_label",),
+    ),
 }
+TASK_NAMES = tuple(TASKS)
+TASK_FORMATS = {name: kind.formats for name, kind in TASKS.items()}
 
 
 class FreezeSection(Section):
@@ -545,7 +576,7 @@ class LoggingSection(Section):
 
 class Recipe(Section):
     output_dir: str = Field(description="Run directory: checkpoints, metrics and final model.")
-    task: Literal["causal_lm", "sequence_classification", "token_classification"] = Field(
+    task: Literal[TASK_NAMES] = Field(  # type: ignore[valid-type]
         "causal_lm",
         description="What is trained. causal_lm: next-token prediction; "
         "sequence_classification: one label (or several, or a number) per text or text pair "
@@ -588,9 +619,9 @@ class Recipe(Section):
         for method, section in ADAPTER_SECTIONS.items():
             if isinstance(data, dict) and data.get("method") == method and data.get(section) is None:
                 data = {**data, section: {}}
-        classifies = isinstance(data, dict) and data.get("task") in (
-            "sequence_classification", "token_classification"
-        )
+        task = data.get("task", "causal_lm") if isinstance(data, dict) else None
+        kind = TASKS.get(task) if isinstance(task, str) else None
+        classifies = kind is not None and bool(kind.problem_types)
         if classifies and data.get("labels") is None:
             data = {**data, "labels": {}}
         return data
@@ -629,16 +660,16 @@ class Recipe(Section):
                 f"data.format: {self.data.format} data cannot train task {self.task}; use "
                 + " or ".join(TASK_FORMATS[self.task])
             )
-        if self.labels is not None and self.task == "causal_lm":
+        kind = TASKS[self.task]
+        if self.labels is not None and not kind.problem_types:
             raise ValueError("labels: the labels section is only for classification tasks")
-        if (
-            self.task == "token_classification"
-            and self.labels is not None
-            and self.labels.problem_type != "single_label"
-        ):
-            raise ValueError("labels.problem_type: token_classification is single_label")
-        if self.data.packing and self.task != "causal_lm":
-            raise ValueError("data.packing: packing is for causal_lm only")
+        if self.labels is not None and self.labels.problem_type not in kind.problem_types:
+            raise ValueError(
+                f"labels.problem_type: {self.task} is {' or '.join(kind.problem_types)}"
+            )
+        if self.data.packing and not kind.packing:
+            packable = [name for name, k in TASKS.items() if k.packing]
+            raise ValueError(f"data.packing: packing is for {' or '.join(packable)} only")
         if self.data.packing and self.method in ("prompt_tuning", "prefix_tuning"):
             raise ValueError(
                 f"data.packing: not with method: {self.method}, whose virtual tokens would be "
@@ -671,6 +702,15 @@ class Recipe(Section):
     def uses_adapter(self) -> bool:
         """Whether peft adapters train on a frozen base (and final/ holds the adapter)."""
         return self.method in ADAPTER_METHODS
+
+    @property
+    def task_kind(self) -> TaskKind:
+        return TASKS[self.task]
+
+    @property
+    def adapter_section(self) -> LoraSection | IA3Section | PromptSection | None:
+        """The settings section of the recipe's peft method (None without an adapter)."""
+        return getattr(self, ADAPTER_SECTIONS[self.method]) if self.uses_adapter else None
 
     @property
     def global_batch_size(self) -> int:
@@ -749,6 +789,3 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
         data["output_dir"] = output_dir
     return validate_recipe(data, str(path), lines)
 
-
-def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
-    return recipe.model_dump(mode="json")

@@ -16,18 +16,13 @@ from typing import Any
 import torch
 
 from launcher.checkpoint import commit as ckpt
-from launcher.tasks.classification import head_module_names, pads_left
 from launcher.errors import ExportError, UserInputError
-from launcher.model.build import (
-    DTYPES,
-    adapter_config,
-    auto_model_class,
-    load_task_config,
-    load_tokenizer,
-)
+from launcher.model.build import DTYPES, auto_model_class, load_model_config, load_tokenizer
+from launcher.model.adapters import adapter_config
+from launcher.tasks.base import task_for
 from launcher.recipe import Recipe
-from launcher.run.rundir import load_resolved
-from launcher.train.worker import PROBE, probe_ids
+from launcher.run.probe import probe_ids
+from launcher.run.rundir import RunDir, load_resolved
 
 EXPORT_MARK = "ftlaunch_export.json"  # in every export: the files it wrote
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -69,13 +64,14 @@ def rebuild(
     """The trained model in fp32 on CPU: an uninitialised skeleton, then the trained tensors."""
     from transformers.initialization import no_init_weights
 
-    config = load_task_config(recipe, pad_token_id)
+    task = task_for(recipe)
+    config = task.configure(load_model_config(recipe.model), pad_token_id)
     with no_init_weights():
         model = auto_model_class(recipe.task).from_config(config, dtype=torch.float32)
     if recipe.uses_adapter:
         from peft import get_peft_model
 
-        head = head_module_names(model) if recipe.task != "causal_lm" else []
+        head = task.head_modules(model)
         model = get_peft_model(model, adapter_config(recipe, head))
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = _tied_names(model)
@@ -106,8 +102,9 @@ def export_run(
         raise UserInputError(str(run_dir), "not a run directory (no recipe.resolved.yaml)")
     if merge_lora and not recipe.uses_adapter:
         raise UserInputError("--merge-lora", "only for runs with an adapter (method: lora or ia3)")
-    where = "--out" if out is not None else str(run_dir / "final")
-    out = (out or run_dir / "final").resolve()
+    final = RunDir(run_dir).final
+    where = "--out" if out is not None else str(final)
+    out = (out or final).resolve()
     if ckpt.checkpoints_dir(run_dir) in (out, *out.parents):
         raise UserInputError(where, f"{out} is inside the run's checkpoints/: an export there "
                              "would make a checkpoint hold files its manifest does not name")
@@ -124,7 +121,7 @@ def export_run(
             model = model.merge_and_unload()
         expected = _logits(model.to(dtype), probe)
         _save(model, recipe, staging, merge_lora, final_dir=out)
-        if pads_left(recipe.task, recipe.method, model.config.model_type):
+        if task_for(recipe).pads_left(recipe.method, model.config.model_type):
             tokenizer = load_tokenizer(recipe.model, padding_side="left")  # as training padded
         tokenizer.save_pretrained(str(staging))
         got = _logits(load_exported(staging, dtype, recipe.task), probe)
@@ -238,7 +235,7 @@ def trained_logits(run_dir: Path, step: int) -> torch.Tensor | None:
     probe records its step; one from another step, or that does not say, is not compared)."""
     from safetensors import safe_open
 
-    path = run_dir / PROBE
+    path = RunDir(run_dir).probe
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:

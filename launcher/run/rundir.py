@@ -1,19 +1,69 @@
-"""The run directory: created only after every check passed, reused to resume."""
+"""The run directory: every file name in it, created only after every check passed, and
+reused to resume."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from launcher.checkpoint.commit import write_atomic
+from launcher.durable import write_atomic
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
 
 RESOLVED = "recipe.resolved.yaml"
 DS_CONFIG = "ds_config.json"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The files of one run directory, by what they hold."""
+
+    path: Path
+
+    @property
+    def resolved(self) -> Path:  # the validated recipe every worker reads
+        return self.path / RESOLVED
+
+    @property
+    def ds_config(self) -> Path:
+        return self.path / DS_CONFIG
+
+    @property
+    def metrics(self) -> Path:  # one JSON object per logged step
+        return self.path / "metrics.jsonl"
+
+    @property
+    def run_info(self) -> Path:  # total steps, kernels, data statistics
+        return self.path / "run_info.json"
+
+    @property
+    def attempts(self) -> Path:  # one line per (re)start of the worker group
+        return self.path / "attempts.jsonl"
+
+    @property
+    def probe(self) -> Path:  # the trained model's logits, checked by export
+        return self.path / "probe.safetensors"
+
+    @property
+    def stop_request(self) -> Path:  # written by the driver on SIGINT/SIGTERM
+        return self.path / "STOP.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def final(self) -> Path:  # the exported model
+        return self.path / "final"
+
+    ray_storage_name = "ray"  # Ray Train's own run state, under the run directory
+
+    def fault_marker(self, kind: str, step: int) -> Path:
+        return self.path / f".fault_{kind}_{step}"
 FREE_TRAIN_FIELDS = {"max_steps", "epochs", "micro_batch_size", "grad_accum", "global_batch_size"}
 
 
@@ -41,7 +91,7 @@ def differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def load_resolved(run_dir: Path) -> Recipe | None:
-    path = run_dir / RESOLVED
+    path = RunDir(run_dir).resolved
     if not path.is_file():
         return None
     return Recipe.model_validate(yaml.safe_load(path.read_text()))

@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from launcher.tasks import classification
-from launcher.data.pipeline import IGNORE_INDEX, TokenizedSplit
-from launcher.ranks import Rank, all_reduce, gather
+from launcher.data.tokenized import IGNORE_INDEX, TokenizedSplit
+from launcher.ranks import Rank, gather
+from launcher.tasks.evaluation import Totals, evaluating, sharded
 from launcher.recipe import LabelsSection
 
 Prediction = Any  # class probabilities, a number, or a list of tag indices
@@ -50,29 +51,20 @@ def evaluate(
 ) -> dict[str, float]:
     """eval_loss and the task's metrics; ``make`` turns example indices into a device batch."""
     problem = labels.problem_type
-    order = np.arange(len(split))[rank.rank :: rank.world]
-    chunks = [order[i : i + micro] for i in range(0, len(order), micro)]
-    longest = torch.tensor(len(chunks), device=rank.device)
-    steps = int(all_reduce(longest, torch.distributed.ReduceOp.MAX))
-    steps = min(steps, max_batches or steps)
-    totals = torch.zeros(2, dtype=torch.float64, device=rank.device)
+    totals = Totals(2, rank)
     mine: list[tuple[int, Prediction]] = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(steps):
-            # Ranks with fewer batches still run one (and discard it): ZeRO-3 gathers weights
-            # collectively in every forward pass.
-            real = i < len(chunks)
-            indices = chunks[i] if real else order[:1] if len(order) else np.array([0])
+    with evaluating(model):
+        for indices, real in sharded(np.arange(len(split)), rank, micro, max_batches):
             batch = make(indices)
             logits = classification.model_logits(model, batch)
             if not real:
                 continue
-            totals[0] += classification.loss_sum(logits, batch["labels"], problem).double()
-            totals[1] += classification.target_count(batch["labels"], problem)
+            totals.add(
+                classification.loss_sum(logits, batch["labels"], problem),
+                classification.target_count(batch["labels"], problem),
+            )
             mine += zip(indices.tolist(), predictions(logits, batch, task, problem))
-    model.train()
-    loss_sum, count = all_reduce(totals).tolist()
+    loss_sum, count = totals.reduced()
     merged = merge_predictions(gather(mine, rank))
     names = labels.names or []
     if task == "token_classification":

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from launcher.data.pipeline import IGNORE_INDEX
+from launcher.data.tokenized import IGNORE_INDEX
 from launcher.recipe.ds_config import zero_stage
 from launcher.errors import UserInputError
 from launcher.recipe import DistillSection, Recipe
@@ -121,10 +121,6 @@ def check_teacher(recipe: Recipe, student_config: Any) -> None:
             f"{ours.vocab_size}; distillation compares predictions token by token, so both must "
             "use the same tokenizer",
         )
-    if recipe.task != "causal_lm":
-        names = [teacher.id2label[i] for i in sorted(teacher.id2label)]
-        if names != recipe.labels.names:
-            raise UserInputError(
-                "distill.teacher",
-                f"the teacher's labels {names} differ from labels.names {recipe.labels.names}",
-            )
+    from launcher.tasks.base import task_for
+
+    task_for(recipe).check_teacher(teacher)

@@ -58,17 +58,8 @@ def observe(
     return extended, judge(extended, cfg)
 
 
-def reported_metrics(
-    task: str, problem_type: str | None, num_labels: int, exact_match: bool
-) -> set[str]:
-    """The eval_* metrics a run of this task reports (to check early_stopping.metric early)."""
-    if task == "causal_lm":
-        return {"eval_loss", "eval_perplexity"} | ({"eval_exact_match"} if exact_match else set())
-    common = {"eval_loss", "eval_accuracy", "eval_precision", "eval_recall", "eval_f1"}
-    if task == "token_classification":
-        return common
-    if problem_type == "regression":
-        return {"eval_loss", "eval_mse", "eval_pearson", "eval_spearman"}
-    if problem_type == "multi_label":
-        return common | {"eval_f1_macro"}
-    return common | {"eval_mcc"} | ({"eval_roc_auc"} if num_labels == 2 else {"eval_f1_micro"})
+def stop_message(step: int, cfg: EarlyStoppingSection, verdict: Verdict) -> str:
+    return (
+        f"early stopping at step {step}: {cfg.metric} has not improved for {verdict.stale} "
+        f"evaluations (best {verdict.best_value:.4g} at step {verdict.best_step})"
+    )

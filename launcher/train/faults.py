@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from launcher.ranks import Rank
+from launcher.run.rundir import RunDir
 
 FAULT_ENV = "FTLAUNCH_TEST_FAULT"
 
@@ -25,7 +26,7 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     victim = rank.world - 1 if kind == "hang" else 0
     if rank.rank != victim:
         return
-    marker = run_dir / f".fault_{kind}_{step}"
+    marker = RunDir(run_dir).fault_marker(kind, step)
     if marker.exists() and spec[2:] != ["always"]:
         return
     marker.write_text("fired")

@@ -1,0 +1,238 @@
+"""Encoding rows into examples, with prompt masking: instruction, chat and text formats here,
+the classification formats in labels.py."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from launcher.data import labels as label_formats
+from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError, SplitStats
+from launcher.errors import UserInputError
+from launcher.recipe import DataSection, LabelsSection
+
+
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
+
+def _text_field(row: dict[str, Any], name: str, required: bool = True) -> str:
+    value = row.get(name)
+    if value is None:
+        if required:
+            raise RowError(f"missing field '{name}'")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"field '{name}' must be a string, got {type(value).__name__}")
+    return value
+
+
+PLACEHOLDER = re.compile(r"\{(instruction|input_block|input)\}")
+
+
+def fill_prompt(template: str, values: dict[str, str]) -> str:
+    """Replace the ``{instruction}``, ``{input}`` and ``{input_block}`` placeholders in one
+    pass; every other character, braces included, is literal text (a JSON example in a
+    prompt stays as written, and a row's text is never read as a placeholder)."""
+    return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+def encode_instruction(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Encoded:
+    names = cfg.fields
+    instruction = _text_field(row, names.instruction)
+    extra = _text_field(row, names.input, required=False)
+    output = _text_field(row, names.output)
+    input_block = f"### Input:\n{extra}\n\n" if extra else ""
+    values = {"instruction": instruction, "input": extra, "input_block": input_block}
+    prompt = fill_prompt(cfg.prompt_template, values)
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    answer_ids = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = prompt_ids + answer_ids
+    masked = ids if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    return Encoded(ids, list(masked))
+
+
+def encode_text(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Encoded:
+    ids = tokenizer(_text_field(row, cfg.fields.text), add_special_tokens=True)["input_ids"]
+    ids = ids + [tokenizer.eos_token_id]
+    return Encoded(ids, list(ids))
+
+
+def chat_messages(row: dict[str, Any], cfg: DataSection) -> list[dict[str, str]]:
+    """Normalise OpenAI (role/content) or ShareGPT (from/value) turns to role/content."""
+    names = cfg.fields
+    key = names.messages or ("messages" if "messages" in row else "conversations")
+    turns = row.get(key)
+    if not isinstance(turns, list) or not turns:
+        raise RowError(f"field '{key}' must be a non-empty list of turns")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{key}[{i}] must be an object")
+        role_key = names.role or ("role" if "role" in turn else "from")
+        content_key = names.content or ("content" if "content" in turn else "value")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if not isinstance(role, str) or not isinstance(content, str):
+            raise RowError(f"{key}[{i}] needs string '{role_key}' and '{content_key}'")
+        messages.append({"role": ROLE_ALIASES.get(role, role), "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(f"'{key}' has no assistant turn to learn from")
+    return messages
+
+
+def encode_chat(
+    row: dict[str, Any], cfg: DataSection, tokenizer: Any, template: str | None
+) -> Encoded:
+    """Render with the chat template; train on each assistant turn's content and its
+    end-of-turn, mask everything else (BOS, system and user turns, role headers).
+
+    Spans are found by rendering growing prefixes of the conversation, so any template that
+    renders prefixes consistently works, without special template markers.
+    """
+    messages = chat_messages(row, cfg)
+
+    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
+            )
+        except Exception as e:  # jinja2 raises whatever the template's own code raises
+            raise RowError(f"the chat template cannot render this conversation: {e}") from None
+
+    text = render(messages)
+    spans = [
+        assistant_span(render, messages, i, text)
+        for i, message in enumerate(messages)
+        if message["role"] == "assistant"
+    ]
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    if cfg.train_on_prompt:
+        return Encoded(ids, list(ids))
+    labels = [
+        tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
+    ]
+    return Encoded(ids, labels)
+
+
+def assistant_span(
+    render: Any, messages: list[dict[str, str]], i: int, text: str
+) -> tuple[int, int]:
+    """Character span of assistant turn ``i`` in ``text``: from where its content starts to
+    the end of its turn.
+
+    The turn starts after the conversation before it rendered with the generation prompt (the
+    assistant header). A template that ignores add_generation_prompt (or cannot render an
+    empty conversation, for a first turn) renders that header inside the turn, so the
+    content is looked up inside the turn instead; a turn whose content cannot be found is
+    refused rather than trained with its header.
+    """
+    through = render(messages[: i + 1])
+    if not text.startswith(through):
+        raise RowError("the chat template does not render conversation prefixes consistently")
+    plain, prompted = _render_prefix(render, messages[:i])
+    if prompted is not None and prompted != plain and through.startswith(prompted):
+        return len(prompted), len(through)
+    base = len(plain) if plain is not None and through.startswith(plain) else 0
+    content = messages[i]["content"].strip()
+    at = through.find(content, base) if content else -1
+    if at < 0:
+        raise RowError(
+            f"cannot find assistant turn {i}'s content in what the chat template renders for "
+            "it, and the template adds no generation prompt to mark where it starts; use a "
+            "template that honours add_generation_prompt (data.chat_template)"
+        )
+    return at, len(through)
+
+
+def _render_prefix(render: Any, prefix: list[dict[str, str]]) -> tuple[str | None, str | None]:
+    """The conversation before a turn rendered without and with the generation prompt; None
+    for a rendering the template refuses (many cannot render an empty conversation)."""
+    out: list[str | None] = []
+    for gen in (False, True):
+        try:
+            out.append(render(prefix, gen))
+        except Exception:  # jinja2 raises anything a template's own code can raise
+            if prefix:
+                raise
+            out.append(None)
+    return out[0], out[1]
+
+
+def resolve_chat_template(cfg: DataSection, tokenizer: Any) -> str | None:
+    """The template to render chat data with (None: the tokenizer's own), or an error."""
+    if cfg.chat_template:
+        return read_chat_template(cfg.chat_template)
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    raise UserInputError(
+        "data.chat_template",
+        "the tokenizer has no chat template; name one (inline Jinja or a file path)",
+    )
+
+
+def read_chat_template(value: str) -> str:
+    """data.chat_template: the file it names, else inline Jinja. A value that names no file
+    and holds no Jinja tag is an error (a mistyped path is never rendered as literal text)."""
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. an inline template longer than a file name may be
+        is_file = False
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserInputError("data.chat_template", f"cannot read {value}: {e}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise UserInputError(
+        "data.chat_template",
+        f"'{_shorten(value)}' is neither an existing file nor a Jinja template "
+        "({{ ... }} or {% ... %})",
+    )
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def encode_rows(
+    rows: Sequence[Row], cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None
+) -> tuple[list[Encoded], SplitStats]:
+    """Encode every row; ``labels`` is the resolved label set of the classification formats."""
+    template = resolve_chat_template(cfg, tokenizer) if cfg.format == "chat" else None
+    if cfg.format in ("classification", "tagging") and labels is None:
+        raise UserInputError("labels", f"the {cfg.format} format needs a label set")
+    kept: list[Encoded] = []
+    truncated = too_long = no_target = 0
+    for row in rows:
+        try:
+            if cfg.format == "instruction":
+                enc = encode_instruction(row.data, cfg, tokenizer)
+            elif cfg.format == "chat":
+                enc = encode_chat(row.data, cfg, tokenizer, template)
+            elif cfg.format == "classification":
+                enc = label_formats.encode_classification(row.data, cfg, tokenizer, labels)
+            elif cfg.format == "tagging":
+                enc = label_formats.encode_tagging(row.data, cfg, tokenizer, labels)
+            else:
+                enc = encode_text(row.data, cfg, tokenizer)
+        except RowError as e:
+            raise UserInputError(row.where, str(e)) from None
+        cut = len(enc.input_ids) > cfg.max_length
+        if cut and cfg.overflow == "drop":
+            too_long += 1
+            continue
+        if cut:
+            n = cfg.max_length
+            types = enc.token_type_ids[:n] if enc.token_type_ids is not None else None
+            enc = Encoded(enc.input_ids[:n], enc.labels[:n], enc.target, types)
+        trained = enc.labels if cfg.format == "tagging" else enc.labels[1:]
+        if enc.target is None and all(t == IGNORE_INDEX for t in trained):
+            no_target += 1
+            continue
+        truncated += cut
+        kept.append(enc)
+    return kept, SplitStats(len(rows), len(kept), truncated, too_long, no_target)

@@ -1,0 +1,178 @@
+"""Reading rows: local JSON Lines, JSON, Parquet and CSV files, or a hub dataset.
+
+Errors name ``file:line`` (JSON Lines, CSV) or ``file:row N`` (JSON, Parquet)."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from launcher.data.tokenized import Row
+from launcher.errors import UserInputError
+from launcher.recipe import DataSection, DataSource
+
+
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+def is_local(source: DataSource) -> bool:
+    path = Path(source.path)
+    return path.exists() or path.suffix in LOCAL_SUFFIXES
+
+
+def local_files(source: DataSource) -> list[Path]:
+    path = Path(source.path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES)
+        if not files:
+            raise UserInputError(source.path, "directory holds no .jsonl/.json/.parquet/.csv files")
+        return files
+    if not path.exists():
+        raise UserInputError(source.path, "file not found")
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise UserInputError(source.path, f"unsupported file type; use {sorted(LOCAL_SUFFIXES)}")
+    return [path]
+
+
+def numeric_fields(cfg: DataSection) -> tuple[str, ...]:
+    """Columns a CSV cell is read as a number from (a class index or a regression target);
+    every other CSV cell stays the text it is."""
+    return (cfg.fields.label,) if cfg.format == "classification" else ()
+
+
+def read_rows(source: DataSource, numeric: Sequence[str] = ()) -> list[Row]:
+    """Read every row of a source; JSON Lines and CSV rows keep their line numbers for error
+    messages. ``numeric`` names the CSV columns whose cells are numbers where they look like
+    one."""
+    if not is_local(source):
+        return _read_hub(source)
+    rows: list[Row] = []
+    for path in local_files(source):
+        if path.suffix == ".jsonl":
+            rows.extend(_read_jsonl(path))
+        elif path.suffix == ".csv":
+            rows.extend(_read_csv(path, frozenset(numeric)))
+        else:
+            rows.extend(_read_with_datasets(path))
+    return rows
+
+
+JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
+              bool: "true/false", type(None): "null"}
+
+
+def _read_jsonl(path: Path) -> Iterator[Row]:
+    """One JSON object per line; a UTF-8 byte-order mark, CRLF endings and blank lines are
+    fine; a line that is not UTF-8 or not an object is an error naming it."""
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode_line(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw,
+                                f"{path}:{number}")
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserInputError(f"{path}:{number}", f"malformed JSON: {e.msg}") from None
+            if not isinstance(value, dict):
+                got = JSON_TYPES.get(type(value), type(value).__name__)
+                raise UserInputError(
+                    f"{path}:{number}", f"each line must be a JSON object, got {got}"
+                )
+            yield Row(value, f"{path}:{number}")
+
+
+def _decode_line(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(where, raw[e.start : e.start + 1], e.start + 1) from None
+
+
+def _not_utf8(where: str, byte: bytes, column: int) -> UserInputError:
+    return UserInputError(
+        where, f"not UTF-8 text (byte {byte!r} at column {column}); save the file as UTF-8"
+    )
+
+
+def _read_text(path: Path) -> str:
+    """A whole file as UTF-8 text, without a leading byte-order mark."""
+    try:
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        byte, column = data[e.start : e.start + 1], e.start - line_start + 1
+        raise _not_utf8(f"{path}:{line}", byte, column) from None
+
+
+def _read_csv(path: Path, numeric: frozenset[str]) -> Iterator[Row]:
+    """CSV with a header line; cells are text (numbers only in ``numeric`` columns), quoted
+    fields may span lines, and every row is named by the line it starts on."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header, start = None, 1
+    try:
+        for cells in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not cells:
+                continue
+            if header is None:
+                header = cells
+                continue
+            if len(cells) != len(header):
+                raise UserInputError(
+                    where, f"{len(cells)} fields, but the header line has {len(header)}"
+                )
+            yield Row({k: _csv_cell(v) if k in numeric else v for k, v in zip(header, cells)},
+                      where)
+    except csv.Error as e:
+        raise UserInputError(f"{path}:{start}", f"malformed CSV: {e}") from None
+    if header is None:
+        raise UserInputError(str(path), "empty CSV file: it needs a header line naming the columns")
+
+
+def _csv_cell(value: str) -> int | float | str | None:
+    """A cell of a numeric column: an int or float where it reads as one, None when empty."""
+    text = value.strip()
+    if not text:
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return value
+
+
+def _read_with_datasets(path: Path) -> list[Row]:
+    import datasets
+
+    builder = LOCAL_SUFFIXES[path.suffix]
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise UserInputError(str(path), f"cannot read {builder} file: {e}") from None
+    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds)]
+
+
+def _read_hub(source: DataSource) -> list[Row]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            source.path, source.subset, split=source.split, revision=source.revision
+        )
+    except Exception as e:
+        raise UserInputError(source.path, f"cannot load dataset: {e}") from None
+    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds)]
