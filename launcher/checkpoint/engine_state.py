@@ -18,6 +18,7 @@ from typing import Any
 import torch.distributed as dist
 
 from launcher.checkpoint import commit as ckpt
+from launcher.checkpoint import rng
 from launcher.ranks import Rank, any_rank, gather
 from launcher.recipe import CheckpointSection
 from launcher.run.rundir import RunDir
@@ -72,7 +73,7 @@ def restore(engine: Any, point: ResumePoint, rank: Rank) -> int:
     )
     if loaded is None:
         raise RuntimeError(f"DeepSpeed could not load the verified checkpoint {path}")
-    if not ckpt.load_rng(path, rank.rank, ckpt.read_manifest(path)["world_size"]):
+    if not rng.load_rng(path, rank.rank, ckpt.read_manifest(path)["world_size"]):
         rank.log(f"{path} has no RNG state for rank {rank.rank}: it keeps its seeded stream")
     rank.log(f"resumed from {path} (step {point.candidate.step})")
     return point.candidate.step
@@ -93,7 +94,7 @@ def save(
     dist.barrier()
     client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
-    ckpt.save_rng(path, rank.rank)
+    rng.save_rng(path, rank.rank)
     if rank.rank == 0:
         state = {"step": step, "world_size": rank.world, "recipe": recipe}
         ckpt.trainer_state_path(path).write_text(json.dumps(state, indent=1))

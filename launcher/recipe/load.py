@@ -1,4 +1,5 @@
-"""YAML loading that refuses duplicate keys and remembers where every key was written."""
+"""From a YAML file to a validated Recipe: loading that refuses duplicate keys and remembers
+where every key was written, ``--set`` overrides, and errors that name file:line and field."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from launcher.errors import UserInputError
+from launcher.recipe.schema import Recipe
 
 KeyPath = tuple[str | int, ...]
 MAX_KEYS = 100_000  # far beyond any recipe; a bound on alias expansion ("billion laughs")
@@ -152,3 +155,75 @@ def _override_value(dotted: str, raw: str) -> Any:
         raise UserInputError(
             f"--set {dotted}", f"the value is not valid YAML{column} ({problem}); quote it"
         ) from None
+
+
+def _field_path(loc: tuple[Any, ...]) -> KeyPath:
+    """Pydantic locations include validator names for unions; keep only real keys."""
+    return tuple(p for p in loc if isinstance(p, int) or not str(p).startswith(("function-",)))
+
+
+def validate_recipe(
+    data: Any, source: str = "recipe", lines: dict[KeyPath, int] | None = None
+) -> Recipe:
+    """Validate plain data into a Recipe, turning the first error into a UserInputError."""
+    if not isinstance(data, dict):
+        raise UserInputError(source, "a recipe must be a YAML mapping of sections")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        path = _field_path(err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+(?:\.[a-z_]+)*): (.*)$", message, re.S)
+        if named and err["type"] == "value_error":
+            path = (*path, *named.group(1).split(".")[len(path):])
+            message = named.group(2)
+        dotted = ".".join(str(p) for p in path) or "recipe"
+        line = _nearest_line(lines or {}, path)
+        where = f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+        if err["type"] == "extra_forbidden":
+            message = f"unknown field '{path[-1]}'" + _suggest(path, data)
+        raise UserInputError(where, message) from None
+
+
+def _nearest_line(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
+    for end in range(len(path), -1, -1):
+        if path[:end] in lines and end > 0:
+            return lines[path[:end]]
+    return None
+
+
+def _suggest(path: KeyPath, data: dict[str, Any]) -> str:
+    import difflib
+
+    model: type[BaseModel] = Recipe
+    for key in path[:-1]:
+        info = model.model_fields.get(str(key))
+        if info is None:
+            return ""
+        annotation = info.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if _is_model(a)]
+        if not candidates:
+            return ""
+        model = candidates[0]
+    close = difflib.get_close_matches(str(path[-1]), list(model.model_fields), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | None = None) -> Recipe:
+    """Read a YAML recipe, apply ``--set`` overrides (YAML values) and ``--output-dir``
+    (taken literally: a path may hold '#', ': ', spaces), and validate it."""
+    path = Path(path)
+    data, lines = load_yaml_with_lines(path)
+    if data is None:
+        raise UserInputError(str(path), "the recipe is empty")
+    if not isinstance(data, dict):
+        raise UserInputError(str(path), "a recipe must be a YAML mapping of sections")
+    data = apply_overrides(data, list(overrides))
+    if output_dir is not None:
+        data["output_dir"] = output_dir
+    return validate_recipe(data, str(path), lines)
