@@ -76,10 +76,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from launcher.prepare import prepare, prepare_offline
 
+    from launcher.driver.trackers import require
+
+    recipe = load(args)
+    require(recipe, args.recipe)
     if args.offline:
-        recipe, ds_config = prepare_offline(load(args))
+        recipe, ds_config = prepare_offline(recipe)
     else:
-        prepared = prepare(load(args))
+        prepared = prepare(recipe)
         recipe, ds_config = prepared.recipe, prepared.ds_config
         for name, stats in prepared.data.stats.items():
             print(f"# {stats.summary(name)}", file=sys.stderr)
@@ -92,10 +96,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
+    from launcher.driver.trackers import require
     from launcher.prepare import prepare
     from launcher.rundir import check_resumable
 
-    prepared = prepare(load(args))
+    recipe = load(args)
+    require(recipe, args.recipe)  # before anything starts
+    prepared = prepare(recipe)
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
@@ -117,12 +124,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_torchrun(prepared, run_dir: Path, signals) -> int:
     from launcher import orchestrate
+    from launcher.driver.trackers import tracking
     from launcher.rundir import write_run_files
 
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
     if signals.stopping:
         return 0
-    if orchestrate.run_torchrun(prepared.recipe, run_dir, signals) != 0 and not signals.stopping:
+    with tracking(prepared.recipe, run_dir) as trackers:
+        code = orchestrate.run_torchrun(prepared.recipe, run_dir, signals, [trackers])
+        if trackers:
+            trackers.status = "killed" if signals.stopping else "failed" if code else "finished"
+    if code != 0 and not signals.stopping:
         print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
         return 1
     return 0
@@ -130,6 +142,7 @@ def train_torchrun(prepared, run_dir: Path, signals) -> int:
 
 def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
     from launcher import orchestrate, preflight
+    from launcher.driver.trackers import tracking
     from launcher.rundir import write_run_files
 
     recipe = prepared.recipe
@@ -145,10 +158,13 @@ def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool,
             return 0
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
         trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
-        orchestrate.fit(
-            trainer, run_dir, not args.no_progress and recipe.logging.progress,
-            recipe.checkpoint.max_failures, signals,
-        )
+        with tracking(recipe, run_dir) as trackers:
+            orchestrate.fit(
+                trainer, run_dir, not args.no_progress and recipe.logging.progress,
+                recipe.checkpoint.max_failures, signals, [trackers],
+            )
+            if trackers:
+                trackers.status = "killed" if signals.stopping else "finished"
     except orchestrate.TrainingFailed as e:
         print(f"ftlaunch: training failed: {e}", file=sys.stderr)
         return 1
