@@ -194,6 +194,29 @@ def test_wandb_offline_resumes_the_same_run_from_the_resume_point(crashed_and_re
     assert (offline[1] / "files" / "run_info.json").is_file()
 
 
+@pytest.mark.e2e
+def test_a_restart_inside_one_ray_driver_is_logged_once_per_step(ray_cluster, cli, tmp_path):
+    """Ray Train restarts the crashed worker from step 4 in the same driver: the rewritten
+    metrics.jsonl still reaches the trackers, TensorBoard shows each step once."""
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(
+        run_dir, train={"max_steps": 6}, checkpoint={"every_steps": 2, "max_failures": 1},
+        resources={"env": {"FTLAUNCH_TEST_FAULT": "crash:5"}},
+        logging={"trackers": ["tensorboard", "mlflow"]},
+    )
+    code, _, err = cli(write_recipe(tmp_path / "r.yaml", recipe))
+    assert code == 0, err
+    assert len((run_dir / "attempts.jsonl").read_text().splitlines()) == 2  # it did restart
+    final = losses(run_dir)
+    assert sorted(final) == [1, 2, 3, 4, 5, 6]
+    assert tensorboard_scalars(run_dir / "tensorboard", "loss") == pytest.approx(final, rel=1e-6)
+    run_id = json.loads((run_dir / "trackers.json").read_text())["mlflow"]["run_id"]
+    _, run, runs, history = mlflow_view(run_dir, run_id)
+    assert len(runs) == 1 and run.info.status == "FINISHED"
+    assert {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)} == (
+        pytest.approx(final, rel=1e-9))
+
+
 # ---------------------------------------------------------------- no run needed
 
 def test_a_tracker_without_its_package_exits_2_before_anything_starts(tmp_path):
