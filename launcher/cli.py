@@ -93,6 +93,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
     from launcher.prepare import prepare
+    from launcher.report import liveness
     from launcher.rundir import check_resumable
 
     prepared = prepare(load(args))
@@ -101,25 +102,29 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
-        if args.backend == "torchrun":
-            code = train_torchrun(prepared, run_dir, signals)
-        else:
-            code = train_ray(args, prepared, run_dir, resuming, signals)
-    if signals.stopping:
-        return report_stop(signals, run_dir, args.argv)
-    if code == 0:
+    with liveness.Driver(run_dir) as driver:
+        with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
+            if args.backend == "torchrun":
+                code = train_torchrun(prepared, run_dir, signals, driver)
+            else:
+                code = train_ray(args, prepared, run_dir, resuming, signals, driver)
+        if signals.stopping:
+            return report_stop(signals, run_dir, args.argv)
+        if code != 0:
+            driver.fail("training failed")
+            return code
         from launcher.export import export_run
 
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
     return code
 
 
-def train_torchrun(prepared, run_dir: Path, signals) -> int:
+def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
     from launcher import orchestrate
     from launcher.rundir import write_run_files
 
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    driver.claim()
     if signals.stopping:
         return 0
     if orchestrate.run_torchrun(prepared.recipe, run_dir, signals) != 0 and not signals.stopping:
@@ -128,7 +133,9 @@ def train_torchrun(prepared, run_dir: Path, signals) -> int:
     return 0
 
 
-def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
+def train_ray(
+    args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals, driver
+) -> int:
     from launcher import orchestrate, preflight
     from launcher.rundir import write_run_files
 
@@ -141,6 +148,7 @@ def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool,
         orchestrate.check_capacity(recipe)
         preflight.check_multi_node(recipe)
         write_run_files(run_dir, recipe, prepared.ds_config)
+        driver.claim()
         if signals.stopping:
             return 0
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
