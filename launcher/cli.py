@@ -9,10 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import ExportError, UserInputError
 
-SUBCOMMANDS = ("train", "check", "export", "k8s", "preflight", "submit", "jobs")
+SUBCOMMANDS = (
+    "train", "check", "export", "k8s", "preflight", "submit", "jobs", "plot", "runs", "chat",
+)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
+    _report_parsers(sub)
     from launcher import k8s, preflight, submit
 
     k8s.add_arguments(sub.add_parser("k8s", help="print a KubeRay RayJob manifest"))
@@ -63,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_arguments(sub.add_parser("submit", help="submit a recipe as a Ray job"))
     submit.add_jobs_arguments(sub.add_parser("jobs", help="list, follow or stop Ray jobs"))
     return parser
+
+
+def _report_parsers(sub: Any) -> None:
+    plot = sub.add_parser("plot", help="draw a run's metrics (or several runs', overlaid) as PNGs")
+    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, help="default: RUN_DIR/plots (required for several runs)")
+    runs = sub.add_parser("runs", help="list the runs under a directory and their status")
+    runs.add_argument("root", type=Path, metavar="DIR")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run")
+    chat = sub.add_parser("chat", help="talk to a run's exported model (final/)")
+    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("--prompt", help="answer this one prompt and exit (default: read stdin lines)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
 
 
 def load(args: argparse.Namespace):  # -> Recipe
@@ -191,13 +208,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.report import plot
+
+    out = plot.default_out(args.run_dirs, args.out)
+    for path in plot.save(plot.figures(args.run_dirs), out):
+        print(path)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launcher.report import runs
+
+    print(runs.run(args.root, args.json))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from launcher.report import chat
+
+    return chat.run(args.run_dir, args.prompt, args.max_new_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
+    commands = {
+        "train": cmd_train, "check": cmd_check, "export": cmd_export,
+        "plot": cmd_plot, "runs": cmd_runs, "chat": cmd_chat,
+    }
     from launcher.stop import Terminated, resume_command, sigterm_raises
 
     try:
