@@ -9,10 +9,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import ExportError, UserInputError
 
-SUBCOMMANDS = ("train", "check", "export", "k8s", "preflight", "submit", "jobs")
+SUBCOMMANDS = (
+    "train", "check", "export", "k8s", "preflight", "submit", "jobs", "plot", "runs", "chat",
+)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
+    _report_parsers(sub)
     from launcher import k8s, preflight, submit
 
     k8s.add_arguments(sub.add_parser("k8s", help="print a KubeRay RayJob manifest"))
@@ -63,6 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_arguments(sub.add_parser("submit", help="submit a recipe as a Ray job"))
     submit.add_jobs_arguments(sub.add_parser("jobs", help="list, follow or stop Ray jobs"))
     return parser
+
+
+def _report_parsers(sub: Any) -> None:
+    plot = sub.add_parser("plot", help="draw a run's metrics (or several runs', overlaid) as PNGs")
+    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, help="default: RUN_DIR/plots (required for several runs)")
+    runs = sub.add_parser("runs", help="list the runs under a directory and their status")
+    runs.add_argument("root", type=Path, metavar="DIR")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run")
+    chat = sub.add_parser("chat", help="talk to a run's exported model (final/)")
+    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("--prompt", help="answer this one prompt and exit (default: read stdin lines)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
 
 
 def load(args: argparse.Namespace):  # -> Recipe
@@ -98,6 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
     from launcher.driver.trackers import require
     from launcher.prepare import prepare
+    from launcher.report import liveness
     from launcher.rundir import check_resumable
 
     recipe = load(args)
@@ -108,26 +126,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
-        if args.backend == "torchrun":
-            code = train_torchrun(prepared, run_dir, signals)
-        else:
-            code = train_ray(args, prepared, run_dir, resuming, signals)
-    if signals.stopping:
-        return report_stop(signals, run_dir, args.argv)
-    if code == 0:
+    with liveness.Driver(run_dir) as driver:
+        with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
+            if args.backend == "torchrun":
+                code = train_torchrun(prepared, run_dir, signals, driver)
+            else:
+                code = train_ray(args, prepared, run_dir, resuming, signals, driver)
+        if signals.stopping:
+            return report_stop(signals, run_dir, args.argv)
+        if code != 0:
+            driver.fail("training failed")
+            return code
         from launcher.export import export_run
 
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
     return code
 
 
-def train_torchrun(prepared, run_dir: Path, signals) -> int:
+def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
     from launcher import orchestrate
     from launcher.driver.trackers import tracking
     from launcher.rundir import write_run_files
 
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    driver.claim()
     if signals.stopping:
         return 0
     with tracking(prepared.recipe, run_dir) as trackers:
@@ -140,7 +162,9 @@ def train_torchrun(prepared, run_dir: Path, signals) -> int:
     return 0
 
 
-def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
+def train_ray(
+    args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals, driver
+) -> int:
     from launcher import orchestrate, preflight
     from launcher.driver.trackers import tracking
     from launcher.rundir import write_run_files
@@ -154,6 +178,7 @@ def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool,
         orchestrate.check_capacity(recipe)
         preflight.check_multi_node(recipe)
         write_run_files(run_dir, recipe, prepared.ds_config)
+        driver.claim()
         if signals.stopping:
             return 0
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
@@ -199,13 +224,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.report import plot
+
+    out = plot.default_out(args.run_dirs, args.out)
+    for path in plot.save(plot.figures(args.run_dirs), out):
+        print(path)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launcher.report import runs
+
+    print(runs.run(args.root, args.json))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from launcher.report import chat
+
+    return chat.run(args.run_dir, args.prompt, args.max_new_tokens)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
+    commands = {
+        "train": cmd_train, "check": cmd_check, "export": cmd_export,
+        "plot": cmd_plot, "runs": cmd_runs, "chat": cmd_chat,
+    }
     from launcher.stop import Terminated, resume_command, sigterm_raises
 
     try:
