@@ -27,6 +27,7 @@ from launcher.modeling import (
     load_tokenizer,
     max_positions,
     meta_model,
+    remote_code_kwargs,
     resolve_attention,
 )
 from launcher.recipe import DataSource, Recipe
@@ -170,10 +171,11 @@ def prepare(recipe: Recipe) -> Prepared:
     attention = None
     if not recipe.resources.use_gpu or torch.cuda.is_available():
         attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
+    skeleton = meta_model(config, recipe.task, remote_code_kwargs(recipe.model))
     if recipe.uses_adapter:
-        check_adapter_targets(meta_model(config, recipe.task), recipe)
+        check_adapter_targets(skeleton, recipe)
     else:
-        check_trainable(recipe, meta_model(config, recipe.task))
+        check_trainable(recipe, skeleton)
     tokenizer = load_tokenizer(recipe.model)
     recipe = with_label_names(recipe)
     check_early_stopping(recipe)
