@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -33,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (resumes an unfinished run in output_dir)")
     _recipe_args(train)
-    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    train.add_argument(
+        "--address",
+        help="Ray cluster to join: HEAD:6379 on a node of it, ray://HEAD:10001 "
+        "(default: RAY_ADDRESS, else a private local Ray)",
+    )
+    train.add_argument(
+        "--insecure", action="store_true",
+        help="join another machine over ray:// without Ray's TLS",
+    )
     train.add_argument(
         "--allow-recipe-change", action="store_true",
         help="resume even though fields that matter changed since the run started",
@@ -94,7 +103,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
     from launcher.prepare import prepare
     from launcher.rundir import check_resumable
+    from launcher.submit import check_cluster_address
 
+    if args.backend == "torchrun" and args.address:
+        raise UserInputError("--address", "the torchrun backend runs on this machine only; "
+                             "drop --address, or use --backend ray to join a cluster")
+    if args.backend == "ray":
+        check_cluster_address(args.address, args.insecure, os.environ)
     prepared = prepare(load(args))
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
