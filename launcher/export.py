@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,9 @@ def export_run(
     if ckpt.checkpoints_dir(run_dir) in (out, *out.parents):
         raise UserInputError(where, f"{out} is inside the run's checkpoints/: an export there "
                              "would make a checkpoint hold files its manifest does not name")
-    check_destination(out, where)
+    own_final = out == run_dir / "final"  # a final/ ftlaunch did not mark is moved aside
+    if not own_final:
+        check_destination(out, where)
     chosen = choose_checkpoint(run_dir, step)
     tokenizer = load_tokenizer(recipe.model)
     model = rebuild(recipe, consolidated_state(chosen), tokenizer.pad_token_id)
@@ -136,6 +140,8 @@ def export_run(
         if trained is not None:
             _compare(got, trained, dtype, "reloaded export vs the model at the end of training")
         mark_export(staging, chosen.step)
+        if own_final:
+            move_aside_unmarked(out)
         install(staging, out, where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -156,6 +162,21 @@ def check_destination(out: Path, where: str) -> None:
             f"{out} holds files ftlaunch did not write ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); choose another --out, or move them away",
         )
+
+
+def move_aside_unmarked(final: Path) -> None:
+    """The run's own final/ holding files no ftlaunch export listed (one written by an older
+    ftlaunch, or files added to it) is renamed to final.old-<UTC time>/, never deleted."""
+    if not final.is_dir() or not foreign_files(final):
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = final.with_name(f"{final.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = final.with_name(f"{final.name}.old-{stamp}-{n}"), n + 1
+    final.rename(aside)
+    print(f"[ftlaunch] {final} held files ftlaunch did not write there; kept them, moved to "
+          f"{aside}", file=sys.stderr)
 
 
 def foreign_files(out: Path) -> list[str]:
