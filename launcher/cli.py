@@ -83,13 +83,15 @@ def load(args: argparse.Namespace):  # -> Recipe
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    from launcher.prepare import prepare, prepare_offline
+    from launcher.prepare import prepare, prepare_offline, recipe_locations
 
-    if args.offline:
-        recipe, ds_config = prepare_offline(load(args))
-    else:
-        prepared = prepare(load(args))
-        recipe, ds_config = prepared.recipe, prepared.ds_config
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        if args.offline:
+            recipe, ds_config = prepare_offline(load(args))
+        else:
+            prepared = prepare(load(args))
+            recipe, ds_config = prepared.recipe, prepared.ds_config
+    if not args.offline:
         for name, stats in prepared.data.stats.items():
             print(f"# {stats.summary(name)}", file=sys.stderr)
     print("# resolved recipe")
@@ -101,7 +103,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
-    from launcher.prepare import prepare
+    from launcher.prepare import prepare, recipe_locations
     from launcher.rundir import check_resumable
     from launcher.submit import check_cluster_address
 
@@ -110,7 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                              "drop --address, or use --backend ray to join a cluster")
     if args.backend == "ray":
         check_cluster_address(args.address, args.insecure, os.environ)
-    prepared = prepare(load(args))
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        prepared = prepare(load(args))
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
