@@ -196,7 +196,8 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.checkpoint, args.merge_lora)
+    out = args.out.expanduser() if args.out is not None else None  # '~/x' quoted, as a shell would
+    out = export_run(args.run_dir.expanduser(), out, args.checkpoint, args.merge_lora)
     print(out)
     return 0
 

@@ -13,7 +13,7 @@ from tests.conftest import tiny_recipe, write_recipe
 
 
 @pytest.mark.e2e
-def test_unmarked_final_is_moved_aside_on_rerun(cli, tmp_path) -> None:
+def test_unmarked_final_is_moved_aside_on_rerun(cli, tmp_path, monkeypatch) -> None:
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(run, train={"max_steps": 2}))
     code, _, err = cli(recipe, "--backend", "torchrun")
@@ -37,3 +37,16 @@ def test_unmarked_final_is_moved_aside_on_rerun(cli, tmp_path) -> None:
     code, _, err = cli("export", run, "--out", other)
     assert code == 2 and "did not write" in err
     assert [p.name for p in other.iterdir()] == ["notes.txt"]
+
+    # Paths on the command line are literal, and '~' is expanded as a shell would (users quote
+    # '~/models/x'); on main '~' made a directory named '~' in the current directory.
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "home").mkdir()
+    run.rename(tmp_path / "home" / "run")
+    for given, lands in [("~/exp #3: ü x", tmp_path / "home" / "exp #3: ü x"),
+                         ("-dash", tmp_path / "-dash")]:  # fmt: skip
+        code, out, err = cli("export", "~/run", f"--out={given}")
+        assert code == 0, err
+        assert out.strip() == str(lands) and (lands / EXPORT_MARK).is_file()
+    assert not (tmp_path / "~").exists()
