@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (resumes an unfinished run in output_dir)")
     _recipe_args(train)
-    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    train.add_argument(
+        "--address",
+        help="Ray cluster to join: HEAD:6379 on a node of it, ray://HEAD:10001 "
+        "(default: RAY_ADDRESS, else a private local Ray)",
+    )
+    train.add_argument(
+        "--insecure", action="store_true",
+        help="join another machine over ray:// without Ray's TLS",
+    )
     train.add_argument(
         "--allow-recipe-change", action="store_true",
         help="resume even though fields that matter changed since the run started",
@@ -91,17 +100,18 @@ def load(args: argparse.Namespace):  # -> Recipe
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    from launcher.prepare import prepare, prepare_offline
-
     from launcher.driver.trackers import require
+    from launcher.prepare import prepare, prepare_offline, recipe_locations
 
-    recipe = load(args)
-    require(recipe, args.recipe)
-    if args.offline:
-        recipe, ds_config = prepare_offline(recipe)
-    else:
-        prepared = prepare(recipe)
-        recipe, ds_config = prepared.recipe, prepared.ds_config
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        recipe = load(args)
+        require(recipe, args.recipe)
+        if args.offline:
+            recipe, ds_config = prepare_offline(recipe)
+        else:
+            prepared = prepare(recipe)
+            recipe, ds_config = prepared.recipe, prepared.ds_config
+    if not args.offline:
         for name, stats in prepared.data.stats.items():
             print(f"# {stats.summary(name)}", file=sys.stderr)
     print("# resolved recipe")
@@ -114,13 +124,20 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
     from launcher.driver.trackers import require
-    from launcher.prepare import prepare
+    from launcher.prepare import prepare, recipe_locations
     from launcher.report import liveness
     from launcher.rundir import check_resumable
+    from launcher.submit import check_cluster_address
 
-    recipe = load(args)
-    require(recipe, args.recipe)  # before anything starts
-    prepared = prepare(recipe)
+    if args.backend == "torchrun" and args.address:
+        raise UserInputError("--address", "the torchrun backend runs on this machine only; "
+                             "drop --address, or use --backend ray to join a cluster")
+    if args.backend == "ray":
+        check_cluster_address(args.address, args.insecure, os.environ)
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        recipe = load(args)
+        require(recipe, args.recipe)  # before anything starts
+        prepared = prepare(recipe)
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
@@ -219,7 +236,8 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.checkpoint, args.merge_lora)
+    out = args.out.expanduser() if args.out is not None else None  # '~/x' quoted, as a shell would
+    out = export_run(args.run_dir.expanduser(), out, args.checkpoint, args.merge_lora)
     print(out)
     return 0
 

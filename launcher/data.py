@@ -1,7 +1,8 @@
 """Data: read rows, render formats, tokenize with prompt masking, cache, sample and collate.
 
-Reading and encoding errors name ``file:line`` (JSON Lines, CSV) or ``file:row N`` (JSON,
-Parquet). Tokenized splits are cached under a key hashing the data bytes, the tokenizer's files,
+Reading and encoding errors name the place as a user finds it: ``file:line`` (JSON Lines, CSV,
+a JSON array: the line its element starts on), else ``file:row N`` (Parquet, a hub dataset),
+rows counted from 1. Tokenized splits are cached under a key hashing the data bytes, the tokenizer's files,
 the chat template, the split seed and every setting that changes the tokens, so each node
 tokenizes once and every worker reuses it; an entry is verified against its checksums on load.
 """
@@ -180,6 +181,8 @@ def read_rows(source: DataSource, numeric: Sequence[str] = ()) -> list[Row]:
             rows.extend(_read_jsonl(path))
         elif path.suffix == ".csv":
             rows.extend(_read_csv(path, frozenset(numeric)))
+        elif path.suffix == ".json":
+            rows.extend(_read_json(path))
         else:
             rows.extend(_read_with_datasets(path))
     return rows
@@ -212,6 +215,50 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                     f"{path}:{number}", f"each line must be a JSON object, got {got}"
                 )
             yield Row(value, f"{path}:{number}")
+
+
+def _read_json(path: Path) -> list[Row]:
+    """A JSON array of objects, each row named by the line its element starts on; any other
+    .json (JSON Lines under that name, a columnar object) is read by ``datasets``."""
+    text = _read_text(path)
+    if not text.lstrip().startswith("["):
+        return _read_with_datasets(path)
+    decoder = json.JSONDecoder()
+    rows: list[Row] = []
+    at = _skip_space(text, text.index("[") + 1, path)
+    while not text.startswith("]", at):
+        if rows:
+            if not text.startswith(",", at):
+                raise _malformed(path, text, at, "expected ',' or ']' between rows")
+            at = _skip_space(text, at + 1, path)
+        line = text.count("\n", 0, at) + 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from None
+        if not isinstance(value, dict):
+            got = JSON_TYPES.get(type(value), type(value).__name__)
+            raise UserInputError(
+                f"{path}:{line}", f"row {len(rows) + 1} must be a JSON object, got {got}"
+            )
+        rows.append(Row(value, f"{path}:{line}"))
+        at = _skip_space(text, at, path)
+    rest = text[at + 1 :]
+    if rest.strip():
+        raise _malformed(path, text, len(text) - len(rest.lstrip()), "extra data after the array")
+    return rows
+
+
+def _skip_space(text: str, at: int, path: Path) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    if at >= len(text):
+        raise _malformed(path, text, len(text.rstrip()), "the array is not closed with ']'")
+    return at
+
+
+def _malformed(path: Path, text: str, at: int, what: str) -> UserInputError:
+    return UserInputError(f"{path}:{text.count(chr(10), 0, at) + 1}", f"malformed JSON: {what}")
 
 
 def _decode_line(raw: bytes, where: str) -> str:
@@ -288,7 +335,7 @@ def _read_with_datasets(path: Path) -> list[Row]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         raise UserInputError(str(path), f"cannot read {builder} file: {e}") from None
-    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds)]
+    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds, start=1)]
 
 
 def _read_hub(source: DataSource) -> list[Row]:
@@ -300,7 +347,7 @@ def _read_hub(source: DataSource) -> list[Row]:
         )
     except Exception as e:
         raise UserInputError(source.path, f"cannot load dataset: {e}") from None
-    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds)]
+    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds, start=1)]
 
 
 # ---------------------------------------------------------------- encoding
