@@ -143,8 +143,8 @@ class Signals:
             return (f"stopped at once by a second signal ({self.first.name}, then "
                     f"{self.second.name}); a save in progress was dropped")
         if self.expired():
-            return (f"stopped by {self.first.name}; the workers were killed after "
-                    f"checkpoint.preempt_grace_s={self.grace_s:g} s")
+            return (f"stopped by {self.first.name}; the grace period ran out "
+                    f"(checkpoint.preempt_grace_s={self.grace_s:g} s)")
         return f"stopped by {self.first.name}"
 
     def exit_code(self) -> int:
