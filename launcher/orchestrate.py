@@ -29,7 +29,7 @@ def connect(address: str | None, recipe: Recipe) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        init_ray(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         return True
     res = recipe.resources
     start_local_ray(max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999)))
@@ -43,8 +43,10 @@ def start_local_ray(num_cpus: int) -> None:
     cluster named in /tmp/ray/ray_current_cluster: whatever ``ray start`` last launched on
     this machine, perhaps long gone, in which case every poll waits out a timeout and each
     run ends 12 s late."""
+    import ray
+
     port = free_port()
-    init_ray(
+    ray.init(
         address="local",  # never join a cluster that happens to run here
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -52,51 +54,6 @@ def start_local_ray(num_cpus: int) -> None:
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         log_to_driver=True,
     )
-
-
-def init_ray(**kwargs: Any) -> None:
-    """``ray.init`` in a helper thread while this thread waits. On the main thread Ray would
-    replace the SIGTERM handler for its whole start-up with one that exits 15 on the spot;
-    this way the driver's own handlers (launcher.stop) answer a signal during start-up, and
-    the launch stops cleanly once Ray is up."""
-    import logging
-    import threading
-
-    import ray
-
-    if threading.current_thread() is not threading.main_thread():
-        ray.init(**kwargs)
-        return
-    outcome: dict[str, BaseException] = {}
-
-    def target() -> None:
-        try:
-            ray.init(**kwargs)
-        except BaseException as e:  # handed to the caller
-            outcome["error"] = e
-
-    quiet = _DropMessage("SIGTERM handler is not set")
-    logger = logging.getLogger("ray._private.worker")
-    logger.addFilter(quiet)
-    try:
-        thread = threading.Thread(target=target, name="ftlaunch-ray-init", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
-    finally:
-        logger.removeFilter(quiet)
-    if "error" in outcome:
-        raise outcome["error"]
-
-
-class _DropMessage:
-    """A logging filter that drops the records starting with ``prefix``."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-
-    def filter(self, record: Any) -> bool:
-        return not str(record.getMessage()).startswith(self.prefix)
 
 
 def check_capacity(recipe: Recipe) -> None:
