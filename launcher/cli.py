@@ -226,7 +226,7 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
     done = committed(run_dir) if run_dir.is_dir() else []
     kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
     print(
-        f"ftlaunch: stopped by {signals.first.name}; {kept}. To resume, run:\n  "
+        f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  "
         f"{resume_command(argv)}",
         file=sys.stderr,
     )

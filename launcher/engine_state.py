@@ -95,6 +95,7 @@ def save(engine: Any, run_dir: Path, step: int, rank: Rank, recipe: Recipe) -> N
     mine = ckpt.flush_and_hash(path, ckpt.share(ckpt.payload_files(path), rank.rank, rank.world))
     gathered = gather(mine, rank)
     fault_point("save", step, run_dir, rank)
+    fault_point("slow_save", step, run_dir, rank)
     if rank.rank == 0:
         entries = {k: v for part in gathered for k, v in part.items()}
         info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}

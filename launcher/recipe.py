@@ -483,8 +483,9 @@ class CheckpointSection(Section):
     )
     on_preempt: bool = Field(
         True,
-        description="On SIGTERM (preemption, pod deletion), commit a checkpoint of the step "
-        "reached before stopping, when one fits in preempt_grace_s.",
+        description="On SIGINT or SIGTERM (Ctrl-C, preemption, pod deletion), commit a "
+        "checkpoint of the step reached before stopping, when one fits in preempt_grace_s "
+        "(a second signal stops at once, without it).",
     )
     preempt_grace_s: float = Field(
         20.0, gt=0,
