@@ -66,12 +66,9 @@ def test_rslora_classifier_reloads_with_same_outputs(cli, tmp_path):
         tmp_path, method="lora", lora={"r": 8, "alpha": 16, "use_rslora": True},
         labels={"names": ["negative", "positive"]},
         train={"max_steps": 6, "micro_batch_size": 8, "lr": 1e-2},
-        resources={"num_workers": 2}, eval={"at_start": True},
+        resources={"num_workers": 2},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
-    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 6
-    assert evals[-1]["eval_loss"] < 0.995 * evals[0]["eval_loss"], evals  # same batches: 0 at init
     adapter_moved(run_dir)
     final = run_dir / "final"
     assert json.loads((final / "adapter_config.json").read_text())["use_rslora"] is True
