@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import ExportError, UserInputError
 
-SUBCOMMANDS = ("train", "check", "export", "k8s", "preflight", "submit", "jobs")
+SUBCOMMANDS = (
+    "train", "check", "export", "k8s", "preflight", "submit", "jobs", "plot", "runs", "chat",
+)
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train (resumes an unfinished run in output_dir)")
     _recipe_args(train)
-    train.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    train.add_argument(
+        "--address",
+        help="Ray cluster to join: HEAD:6379 on a node of it, ray://HEAD:10001 "
+        "(default: RAY_ADDRESS, else a private local Ray)",
+    )
+    train.add_argument(
+        "--insecure", action="store_true",
+        help="join another machine over ray:// without Ray's TLS",
+    )
     train.add_argument(
         "--allow-recipe-change", action="store_true",
         help="resume even though fields that matter changed since the run started",
@@ -54,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
+    _report_parsers(sub)
     from launcher.jobs import k8s
     from launcher.driver import preflight
     from launcher.jobs import submit
@@ -67,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _report_parsers(sub: Any) -> None:
+    plot = sub.add_parser("plot", help="draw a run's metrics (or several runs', overlaid) as PNGs")
+    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, help="default: RUN_DIR/plots (required for several runs)")
+    runs = sub.add_parser("runs", help="list the runs under a directory and their status")
+    runs.add_argument("root", type=Path, metavar="DIR")
+    runs.add_argument("--json", action="store_true", help="one JSON object per run")
+    chat = sub.add_parser("chat", help="talk to a run's exported model (final/)")
+    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("--prompt", help="answer this one prompt and exit (default: read stdin lines)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+
+
 def load(args: argparse.Namespace):  # -> Recipe
     from launcher.recipe import load_recipe
 
@@ -76,13 +102,18 @@ def load(args: argparse.Namespace):  # -> Recipe
 def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
-    from launcher.driver.prepare import prepare, prepare_offline
+    from launcher.driver.trackers import require
+    from launcher.driver.prepare import prepare, prepare_offline, recipe_locations
 
-    if args.offline:
-        recipe, ds_config = prepare_offline(load(args))
-    else:
-        prepared = prepare(load(args))
-        recipe, ds_config = prepared.recipe, prepared.ds_config
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        recipe = load(args)
+        require(recipe, args.recipe)
+        if args.offline:
+            recipe, ds_config = prepare_offline(recipe)
+        else:
+            prepared = prepare(recipe)
+            recipe, ds_config = prepared.recipe, prepared.ds_config
+    if not args.offline:
         for name, stats in prepared.data.stats.items():
             print(f"# {stats.summary(name)}", file=sys.stderr)
     print("# resolved recipe")
@@ -94,45 +125,68 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.driver import stop
-    from launcher.driver.prepare import prepare
+    from launcher.driver.trackers import require
+    from launcher.driver.prepare import prepare, recipe_locations
+    from launcher.report import liveness
     from launcher.run.rundir import check_resumable
+    from launcher.jobs.submit import check_cluster_address
 
-    prepared = prepare(load(args))
+    if args.backend == "torchrun" and args.address:
+        raise UserInputError("--address", "the torchrun backend runs on this machine only; "
+                             "drop --address, or use --backend ray to join a cluster")
+    if args.backend == "ray":
+        check_cluster_address(args.address, args.insecure, os.environ)
+    with recipe_locations(args.recipe, args.set, args.output_dir):
+        recipe = load(args)
+        require(recipe, args.recipe)  # before anything starts
+        prepared = prepare(recipe)
     recipe = prepared.recipe
     run_dir = Path(recipe.output_dir)
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
-        if args.backend == "torchrun":
-            code = train_torchrun(prepared, run_dir, signals)
-        else:
-            code = train_ray(args, prepared, run_dir, resuming, signals)
-    if signals.stopping:
-        return report_stop(signals, run_dir, args.argv)
-    if code == 0:
+    with liveness.Driver(run_dir) as driver:
+        with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
+            if args.backend == "torchrun":
+                code = train_torchrun(prepared, run_dir, signals, driver)
+            else:
+                code = train_ray(args, prepared, run_dir, resuming, signals, driver)
+        if signals.stopping:
+            return report_stop(signals, run_dir, args.argv)
+        if code != 0:
+            driver.fail("training failed")
+            return code
         from launcher.run.export import export_run
 
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
     return code
 
 
-def train_torchrun(prepared, run_dir: Path, signals) -> int:
+def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
     from launcher.driver import orchestrate
+    from launcher.driver.trackers import tracking
     from launcher.run.rundir import write_run_files
 
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    driver.claim()
     if signals.stopping:
         return 0
-    if orchestrate.run_torchrun(prepared.recipe, run_dir, signals) != 0 and not signals.stopping:
+    with tracking(prepared.recipe, run_dir) as trackers:
+        code = orchestrate.run_torchrun(prepared.recipe, run_dir, signals, [trackers])
+        if trackers:
+            trackers.status = "killed" if signals.stopping else "failed" if code else "finished"
+    if code != 0 and not signals.stopping:
         print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
         return 1
     return 0
 
 
-def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals) -> int:
+def train_ray(
+    args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals, driver
+) -> int:
     from launcher.driver import orchestrate
     from launcher.driver import preflight
+    from launcher.driver.trackers import tracking
     from launcher.run.rundir import write_run_files
 
     recipe = prepared.recipe
@@ -144,14 +198,18 @@ def train_ray(args: argparse.Namespace, prepared, run_dir: Path, resuming: bool,
         orchestrate.check_capacity(recipe)
         preflight.check_multi_node(recipe)
         write_run_files(run_dir, recipe, prepared.ds_config)
+        driver.claim()
         if signals.stopping:
             return 0
         print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
         trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
-        orchestrate.fit(
-            trainer, run_dir, not args.no_progress and recipe.logging.progress,
-            recipe.checkpoint.max_failures, signals,
-        )
+        with tracking(recipe, run_dir) as trackers:
+            orchestrate.fit(
+                trainer, run_dir, not args.no_progress and recipe.logging.progress,
+                recipe.checkpoint.max_failures, signals, [trackers],
+            )
+            if trackers:
+                trackers.status = "killed" if signals.stopping else "finished"
     except orchestrate.TrainingFailed as e:
         print(f"ftlaunch: training failed: {e}", file=sys.stderr)
         return 1
@@ -171,7 +229,7 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
     done = committed(run_dir) if run_dir.is_dir() else []
     kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
     print(
-        f"ftlaunch: stopped by {signals.first.name}; {kept}. To resume, run:\n  "
+        f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  "
         f"{resume_command(argv)}",
         file=sys.stderr,
     )
@@ -181,9 +239,32 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.run.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.checkpoint, args.merge_lora)
+    out = args.out.expanduser() if args.out is not None else None  # '~/x' quoted, as a shell would
+    out = export_run(args.run_dir.expanduser(), out, args.checkpoint, args.merge_lora)
     print(out)
     return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher.report import plot
+
+    out = plot.default_out(args.run_dirs, args.out)
+    for path in plot.save(plot.figures(args.run_dirs), out):
+        print(path)
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from launcher.report import runs
+
+    print(runs.run(args.root, args.json))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from launcher.report import chat
+
+    return chat.run(args.run_dir, args.prompt, args.max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv
-    commands = {"train": cmd_train, "check": cmd_check, "export": cmd_export}
+    commands = {
+        "train": cmd_train, "check": cmd_check, "export": cmd_export,
+        "plot": cmd_plot, "runs": cmd_runs, "chat": cmd_chat,
+    }
     from launcher.driver.stop import Terminated, resume_command, sigterm_raises
 
     try:

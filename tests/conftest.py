@@ -51,6 +51,43 @@ def probe_matches(run_dir: Path, model: Any) -> None:
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)
 
 
+def initial_adapter(run_dir: Path) -> dict[str, Any]:
+    """The adapter (and any new head) as the worker initialised it before the first step: the
+    same seed, model and peft wrapping, so a saved tensor equal to its entry here never trained."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from launcher.model.adapters import apply_adapter
+    from launcher.model.build import build_model, load_tokenizer
+    from launcher.tasks.base import load_task_config
+    from launcher.run.rundir import load_resolved
+
+    recipe = load_resolved(run_dir)
+    tokenizer = load_tokenizer(recipe.model)
+    config = load_task_config(recipe, tokenizer.pad_token_id)
+    torch.manual_seed(recipe.train.seed)
+    model = apply_adapter(build_model(recipe.model, config, "sdpa", recipe.task), recipe)
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def adapter_moved(run_dir: Path) -> None:
+    """Every tensor of the exported adapter differs from its initial value. Not for ZeRO-3 runs:
+    there the worker initialises inside ``zero.Init`` and draws other random numbers."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    stage = json.loads((run_dir / "ds_config.json").read_text())["zero_optimization"]["stage"]
+    assert stage != 3, "initial_adapter cannot reproduce a ZeRO-3 initialisation"
+
+    saved = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+    initial = initial_adapter(run_dir)
+    assert saved.keys() == initial.keys(), (sorted(saved), sorted(initial))
+    still = [k for k in saved if torch.equal(saved[k], initial[k])]
+    assert not still, f"adapter tensors never trained: {still}"
+
+
 def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
@@ -100,3 +137,12 @@ def train_recipe(name: str, run_dir: Path, *overrides: str, backend: str = "ray"
         mp.setenv("FTLAUNCH_CACHE", str(run_dir.parent / "cache"))
         assert main(args) == 0
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def sentiment_run(ray_cluster, tmp_path_factory):
+    """The shipped sentiment BERT recipe trained once (2 workers, ZeRO-2, 40 steps) for every test
+    that reads a trained sentiment classifier. Tests using it carry
+    ``@pytest.mark.xdist_group("sentiment")`` so that under pytest-xdist one worker trains it."""
+    return train_recipe("sentiment_bert", tmp_path_factory.mktemp("sentiment") / "run")
+

@@ -17,7 +17,7 @@ import torch
 
 from launcher.checkpoint import commit as ckpt
 from launcher.train.metrics import JsonlSink, read_metrics
-from launcher.recipe import TrainSection
+from launcher.recipe.run_sections import TrainSection
 from launcher.train.schedule import lr_lambda
 from tests.conftest import tiny_recipe, write_recipe
 

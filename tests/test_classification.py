@@ -43,19 +43,16 @@ def validation_outputs(run_dir, model):
 
 
 @pytest.fixture(scope="module")
-def sentiment(ray_cluster, tmp_path_factory):
-    return train_recipe("sentiment_bert", tmp_path_factory.mktemp("sentiment") / "run")
-
-
-@pytest.fixture(scope="module")
 def ner(ray_cluster, tmp_path_factory):
     return train_recipe("ner_bert_lora", tmp_path_factory.mktemp("ner") / "run", "eval.at_start=true")
 
 
-def test_sentiment_learns_and_export_reproduces_metrics(sentiment):
+@pytest.mark.xdist_group("sentiment")
+def test_sentiment_learns_and_export_reproduces_metrics(sentiment_run):
     from sklearn import metrics as m
     from transformers import AutoModelForSequenceClassification
 
+    sentiment = sentiment_run
     records = evals(sentiment)
     first, last = records[0], records[-1]
     assert first["step"] == 0 and first["eval_accuracy"] < 0.75

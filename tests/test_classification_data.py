@@ -18,7 +18,8 @@ from launcher.data.batch import collate_padded
 from launcher.data.encode import encode_rows
 from launcher.errors import UserInputError
 from launcher.model.build import load_tokenizer
-from launcher.recipe import DataSection, LabelsSection, ModelSection, Recipe
+from launcher.recipe.sections import DataSection, LabelsSection, ModelSection
+from launcher.recipe import Recipe
 from tests.conftest import DATA, deep_update, tiny_recipe, write_recipe
 
 TINY_BERT = {

@@ -16,7 +16,7 @@ from launcher.data.cache import cache_key
 from launcher.data.encode import encode_rows
 from launcher.data.pipeline import prepare_data
 from launcher.data.read import read_rows
-from launcher.recipe import DataSection
+from launcher.recipe.sections import DataSection
 from tests.conftest import DATA, TINY_LLAMA
 
 

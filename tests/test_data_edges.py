@@ -16,7 +16,7 @@ from launcher.data.tokenized import IGNORE_INDEX, Row
 from launcher.data.cache import cache_key
 from launcher.data.encode import encode_rows
 from launcher.data.pipeline import prepare_data
-from launcher.recipe import DataSection, LabelsSection
+from launcher.recipe.sections import DataSection, LabelsSection
 from launcher.data.synthetic import save_word_level_tokenizer
 from tests.conftest import DATA, tiny_recipe, write_recipe
 
@@ -305,3 +305,56 @@ def test_template_whose_turn_hides_the_content_is_refused(cli, tmp_path):
         "train": str(DATA / "digits_chat_train.jsonl"), "validation": None, "val_fraction": 0.1,
         "format": "chat", "chat_template": template})
     assert code == 2 and "digits_chat_train.jsonl:1" in err and "add_generation_prompt" in err, err
+
+
+# ---------------------------------------------------------------- every format names the place
+
+
+def _array_file(path: Path) -> Path:
+    """A pretty-printed JSON array: row 2 (lacking "output") starts on line 7."""
+    path.write_text(json.dumps([ROW, {"instruction": "add", "input": "2 2"}, ROW], indent=1))
+    assert path.read_text().splitlines()[6].strip() == "{"
+    return path
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("rows.json", "rows.json:7: "), ("rows.parquet", "rows.parquet:row 2: "),
+     ("lines.json", "lines.json:row 2: ")],
+)  # fmt: skip
+def test_every_format_names_the_row_as_a_user_finds_it(cli, tmp_path, name, expected):
+    """JSON arrays name the line the element starts on; Parquet (and JSON Lines read under a
+    .json name) the row counted from 1, as JSON Lines and CSV count lines. On main a JSON
+    array and Parquet said 'row 1' for the second row."""
+    path = tmp_path / name
+    rows = [ROW, {"instruction": "add", "input": "2 2"}, ROW, ROW]
+    if name == "rows.json":
+        _array_file(path)
+    elif name == "rows.parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist([{**ROW, "output": r.get("output")} for r in rows])
+        pq.write_table(table, path)
+    else:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = check(cli, tmp_path, **with_train(path))
+    assert code == 2, err
+    assert expected in err, err
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("[\n" + LINE + ",\n" + LINE + "\n", ":3: malformed JSON: the array is not closed"),
+     ("[\n" + LINE + "\n" + LINE + "\n]", ":3: malformed JSON: expected ','"),
+     ("[\n" + LINE + ",\n  {\"instruction\": oops}\n]", ":3: malformed JSON"),
+     ("[\n" + LINE + ",\n 7\n]", ":3: row 2 must be a JSON object, got a number"),
+     ("[" + LINE + "]\n[]", ":2: malformed JSON: extra data after the array")],
+    ids=["unclosed", "missing-comma", "bad-value", "not-an-object", "trailing"],
+)  # fmt: skip
+def test_bad_json_array_exits_2_with_the_line(cli, tmp_path, content, expected):
+    path = tmp_path / "rows.json"
+    path.write_text(content)
+    code, _, err = check(cli, tmp_path, **with_train(path))
+    assert code == 2, err
+    assert f"rows.json{expected}" in err, err

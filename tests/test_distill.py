@@ -80,12 +80,13 @@ def kl_to_teacher(student, teacher, split, pad_id, t=2.0):
 
 
 @pytest.mark.e2e
-def test_student_moves_towards_the_teacher(tmp_path):
+@pytest.mark.xdist_group("sentiment")
+def test_student_moves_towards_the_teacher(tmp_path, sentiment_run):
     from transformers import AutoModelForSequenceClassification
 
     from tests.test_training_controls import train_sentiment
 
-    teacher_run = train_sentiment(tmp_path / "teacher", "train.max_steps=30", "eval.at_start=false")
+    teacher_run = sentiment_run  # the shipped recipe's trained classifier
     student_run = train_sentiment(  # the same shape, initialised from another seed
         tmp_path / "student", "train.max_steps=40", "eval.at_start=false", "method=distill",
         "train.seed=7", f"distill={{teacher: {teacher_run / 'final'}, alpha: 0.2, temperature: 2.0}}",

@@ -69,6 +69,8 @@ def test_lora_zero3_gradient_checkpointing_two_workers(ray_cluster, cli, tmp_pat
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     adapter = load_file(str(final / "adapter_model.safetensors"))
     assert adapter and all("lora_" in k for k in adapter)
+    # peft initialises every lora_B to zero: a B still zero means that adapter never trained
+    assert all(adapter[k].abs().max() > 0 for k in adapter if "lora_B" in k)
     model = AutoPeftModelForCausalLM.from_pretrained(str(final)).eval()
     probe_matches(run_dir, model)
     info = json.loads((run_dir / "run_info.json").read_text())

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from launcher.errors import UserInputError
 from launcher.model.kernels import plan_kernels, resolve_kernels
 from launcher.model.losses import LossConfig, hidden_state_loss_supported, model_loss_sum
-from launcher.recipe import LoraSection, ModelSection
+from launcher.recipe.sections import LoraSection, ModelSection
 from tests.conftest import DATA, TINY_LLAMA
 
 PLAIN = LossConfig("plain")

@@ -12,7 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.train.metrics import read_metrics
-from tests.conftest import DATA, ROOT, TINY_LLAMA, probe_matches, tiny_recipe, write_recipe
+from tests.conftest import (
+    DATA, ROOT, TINY_LLAMA, adapter_moved, probe_matches, tiny_recipe, write_recipe,
+)
 from tests.test_classification_data import cls_recipe
 
 
@@ -48,6 +50,7 @@ def test_causal_lm_adapters_reload_with_same_outputs(cli, tmp_path, method, sect
     # the adapter trained: the held-out loss fell from the untrained model's
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 6
     assert evals[-1]["eval_loss"] < 0.995 * evals[0]["eval_loss"], evals  # same batches: 0 at init
+    adapter_moved(run_dir)
     adapter_config = json.loads((run_dir / "final" / "adapter_config.json").read_text())
     assert adapter_config[flag[0]] == flag[1]
     probe_matches(run_dir, AutoPeftModelForCausalLM.from_pretrained(str(run_dir / "final")).eval())
@@ -66,6 +69,7 @@ def test_rslora_classifier_reloads_with_same_outputs(cli, tmp_path):
         resources={"num_workers": 2},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
+    adapter_moved(run_dir)
     final = run_dir / "final"
     assert json.loads((final / "adapter_config.json").read_text())["use_rslora"] is True
     assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
@@ -90,6 +94,7 @@ def test_prompt_tuned_tagger_reloads_with_same_outputs(cli, tmp_path):
     # the prompt and the new head trained: the held-out loss fell from initialisation
     assert first["step"] == 0 and last["step"] == 6
     assert last["eval_loss"] < 0.995 * first["eval_loss"], evals  # same batches: 0 at init
+    adapter_moved(run_dir)
     final = run_dir / "final"
     assert any(".classifier." in k for k in load_file(str(final / "adapter_model.safetensors")))
     probe_matches(run_dir, AutoPeftModelForTokenClassification.from_pretrained(str(final)).eval())

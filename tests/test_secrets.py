@@ -21,7 +21,11 @@ PLANTED = "plantedSECRETvalue987"
     "name",
     ["HF_TOKEN", "hf_token", "Api-Key", "apiKey", "api_key", "WANDB_API_KEY", "db.password",
      "AWS_SECRET_ACCESS_KEY", "GOOGLE_APPLICATION_CREDENTIALS", "ssh_passphrase",
-     "\uff21\uff30\uff29_\uff2b\uff25\uff39", "api key", "x.Token", "API_KEY_2"],
+     "\uff21\uff30\uff29_\uff2b\uff25\uff39", "api key", "x.Token", "API_KEY_2", "github_token",
+     "GITHUB_TOKEN", "password", "PASSWORD", "token", "key", "secret", "apikey", "accessKey",
+     "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY",
+     "secret_value", "DB_PASSWORD_1", "client_secret", "private_key", "SSH_KEY", "auth-token",
+     "S3_SECRET_KEY", "passwd", "WANDB_KEY", "hfToken", "x.y.refresh_token"],
 )  # fmt: skip
 def test_secret_looking_names_in_any_case_and_separator(name: str) -> None:
     assert is_secret_name(name)
@@ -29,7 +33,11 @@ def test_secret_looking_names_in_any_case_and_separator(name: str) -> None:
 
 @pytest.mark.parametrize(
     "name", ["TOKENIZERS_PARALLELISM", "RAY_AUTH_MODE", "NCCL_DEBUG", "max_tokens", "stage",
-             "HF_HUB_ENABLE_HF_TRANSFER", "keys_per_shard"]
+             "HF_HUB_ENABLE_HF_TRANSFER", "keys_per_shard", "layer_token_lr_schedule",
+             "token_budget", "max_new_tokens", "pad_token", "eos_token", "bos_token_id",
+             "padTokenId", "sort_key", "cache_key", "label_key", "tokens_per_step",
+             "key_dim", "num_key_value_heads", "token_type_ids", "HF_TOKEN_PATH",
+             "RAY_AUTH_TOKEN_PATH", "monitor_key", "mask_token", "keys", "TOKENS", ""]
 )
 def test_settings_are_not_secrets(name: str) -> None:
     assert not is_secret_name(name)

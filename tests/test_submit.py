@@ -304,3 +304,63 @@ def test_a_secret_never_leaves_in_the_entrypoint_or_the_working_dir(cli, tmp_pat
     code, out, err = cli("submit", with_file, *address)
     assert code == 2 and "comet.API_KEY looks like a secret" in err and "cannot reach" not in err
     assert PLANTED not in out + err
+
+
+# --- train / preflight --address: a Ray cluster to join, checked before connecting --------
+
+
+@pytest.mark.parametrize(
+    ("address", "env", "insecure", "refused"),
+    [
+        ("auto", {}, False, None),
+        ("10.0.0.5:6379", {}, False, None),  # the GCS: from a node inside the cluster
+        ("[::1]:6379", {}, False, None),
+        ("ray://127.0.0.1:10001", {}, False, None),  # an SSH tunnel
+        ("ray://localhost:10001", {}, False, None),
+        ("ray://203.0.113.7:10001", {"RAY_USE_TLS": "1"}, False, None),
+        ("ray://203.0.113.7:10001", {}, True, None),
+        ("ray://203.0.113.7:10001", {}, False, "without TLS"),
+        (None, {"RAY_ADDRESS": "ray://203.0.113.7:10001"}, False, "without TLS"),
+        (f"ray://me:{PLANTED}@127.0.0.1:10001", {}, True, "credentials"),
+        (f"me:{PLANTED}@10.0.0.5:6379", {}, False, "credentials"),
+        (f"http://me:{PLANTED}@127.0.0.1:8265", {}, False, "credentials"),
+        ("http://127.0.0.1:8265", {}, False, "job server URL"),
+        ("HTTPS://head.example:443", {}, True, "job server URL"),
+        ("grpc://10.0.0.5:6379", {}, False, "not a Ray cluster address"),
+        ("10.0.0.5", {}, False, "not a Ray cluster address"),
+        ("10.0.0.5:port", {}, False, "not a Ray cluster address"),
+        ("ray://:10001", {}, False, "not a Ray cluster address"),
+    ],
+)  # fmt: skip
+def test_cluster_addresses(address, env, insecure, refused) -> None:
+    if refused is None:
+        submit.check_cluster_address(address, insecure, env)
+        return
+    with pytest.raises(UserInputError) as info:
+        submit.check_cluster_address(address, insecure, env)
+    assert refused in str(info.value)
+    assert info.value.where == ("--address" if address else "RAY_ADDRESS")
+    assert PLANTED not in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["train", "preflight"])
+@pytest.mark.parametrize(
+    "address",
+    [f"ray://me:{PLANTED}@10.0.0.5:10001", "http://203.0.113.7:8265", "ray://203.0.113.7:10001"],
+    ids=["credentials", "job-server-url", "ray-client-in-clear"],
+)  # fmt: skip
+def test_train_and_preflight_check_the_address_before_connecting(cli, tmp_path, command, address):
+    """Refused with exit 2 before anything connects or is written; the credentials are never
+    echoed. On main these reached ray.init (a traceback, or a token over plain gRPC)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, out, err = cli(command, recipe, "--address", address)
+    assert code == 2, err
+    assert "--address" in err and PLANTED not in out + err
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_with_an_address_is_refused(cli, tmp_path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, _, err = cli(recipe, "--backend", "torchrun", "--address", "10.0.0.5:6379")
+    assert code == 2 and "torchrun backend runs on this machine only" in err
+    assert not (tmp_path / "run").exists()

@@ -12,7 +12,7 @@ from launcher.checkpoint import commit as ckpt
 from launcher.train.early_stop import history_from, judge
 from launcher.errors import UserInputError
 from launcher.train.metrics import read_metrics
-from launcher.recipe import EarlyStoppingSection, FreezeSection, TrainSection
+from launcher.recipe.run_sections import EarlyStoppingSection, FreezeSection, TrainSection
 from launcher.model.trainable import apply_trainable, optimizer_groups
 from tests.conftest import train_recipe
 from tests.test_classification_data import TINY_BERT

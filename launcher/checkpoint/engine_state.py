@@ -20,7 +20,7 @@ import torch.distributed as dist
 from launcher.checkpoint import commit as ckpt
 from launcher.checkpoint import rng
 from launcher.ranks import Rank, any_rank, gather
-from launcher.recipe import CheckpointSection
+from launcher.recipe.run_sections import CheckpointSection
 from launcher.run.rundir import RunDir
 
 

@@ -19,7 +19,7 @@ from launcher.data.read import is_local, local_files
 from launcher.data.tokenized import PreparedData, SplitStats, TokenizedSplit
 from launcher.durable import fsync_path, sha256_file
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, DataSource, LabelsSection
+from launcher.recipe.sections import DataSection, DataSource, LabelsSection
 
 
 CACHE_VERSION = "2"

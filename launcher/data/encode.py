@@ -11,7 +11,7 @@ from typing import Any
 from launcher.data import labels as label_formats
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError, SplitStats
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, LabelsSection
+from launcher.recipe.sections import DataSection, LabelsSection
 
 
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}

@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, FieldNames, LabelsSection
+from launcher.recipe.sections import DataSection, FieldNames, LabelsSection
 
 
 def infer_label_names(rows: Sequence[Row], fmt: str, fields: FieldNames) -> list[str]:

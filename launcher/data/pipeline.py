@@ -13,7 +13,7 @@ from launcher.data.encode import encode_rows
 from launcher.data.read import numeric_fields, read_rows
 from launcher.data.tokenized import PreparedData, Row, TokenizedSplit
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, LabelsSection
+from launcher.recipe.sections import DataSection, LabelsSection
 
 
 def prepare_data(

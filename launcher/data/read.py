@@ -1,6 +1,7 @@
 """Reading rows: local JSON Lines, JSON, Parquet and CSV files, or a hub dataset.
 
-Errors name ``file:line`` (JSON Lines, CSV) or ``file:row N`` (JSON, Parquet)."""
+Errors name the place as a user finds it: ``file:line`` (JSON Lines, CSV, a JSON array: the
+line its element starts on), else ``file:row N`` (Parquet, a hub dataset), rows counted from 1."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from launcher.data.tokenized import Row
 from launcher.errors import UserInputError
-from launcher.recipe import DataSection, DataSource
+from launcher.recipe.sections import DataSection, DataSource
 
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -55,6 +56,8 @@ def read_rows(source: DataSource, numeric: Sequence[str] = ()) -> list[Row]:
             rows.extend(_read_jsonl(path))
         elif path.suffix == ".csv":
             rows.extend(_read_csv(path, frozenset(numeric)))
+        elif path.suffix == ".json":
+            rows.extend(_read_json(path))
         else:
             rows.extend(_read_with_datasets(path))
     return rows
@@ -87,6 +90,50 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                     f"{path}:{number}", f"each line must be a JSON object, got {got}"
                 )
             yield Row(value, f"{path}:{number}")
+
+
+def _read_json(path: Path) -> list[Row]:
+    """A JSON array of objects, each row named by the line its element starts on; any other
+    .json (JSON Lines under that name, a columnar object) is read by ``datasets``."""
+    text = _read_text(path)
+    if not text.lstrip().startswith("["):
+        return _read_with_datasets(path)
+    decoder = json.JSONDecoder()
+    rows: list[Row] = []
+    at = _skip_space(text, text.index("[") + 1, path)
+    while not text.startswith("]", at):
+        if rows:
+            if not text.startswith(",", at):
+                raise _malformed(path, text, at, "expected ',' or ']' between rows")
+            at = _skip_space(text, at + 1, path)
+        line = text.count("\n", 0, at) + 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise UserInputError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from None
+        if not isinstance(value, dict):
+            got = JSON_TYPES.get(type(value), type(value).__name__)
+            raise UserInputError(
+                f"{path}:{line}", f"row {len(rows) + 1} must be a JSON object, got {got}"
+            )
+        rows.append(Row(value, f"{path}:{line}"))
+        at = _skip_space(text, at, path)
+    rest = text[at + 1 :]
+    if rest.strip():
+        raise _malformed(path, text, len(text) - len(rest.lstrip()), "extra data after the array")
+    return rows
+
+
+def _skip_space(text: str, at: int, path: Path) -> int:
+    while at < len(text) and text[at] in " \t\r\n":
+        at += 1
+    if at >= len(text):
+        raise _malformed(path, text, len(text.rstrip()), "the array is not closed with ']'")
+    return at
+
+
+def _malformed(path: Path, text: str, at: int, what: str) -> UserInputError:
+    return UserInputError(f"{path}:{text.count(chr(10), 0, at) + 1}", f"malformed JSON: {what}")
 
 
 def _decode_line(raw: bytes, where: str) -> str:
@@ -163,7 +210,7 @@ def _read_with_datasets(path: Path) -> list[Row]:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         raise UserInputError(str(path), f"cannot read {builder} file: {e}") from None
-    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds)]
+    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds, start=1)]
 
 
 def _read_hub(source: DataSource) -> list[Row]:
@@ -175,4 +222,4 @@ def _read_hub(source: DataSource) -> list[Row]:
         )
     except Exception as e:
         raise UserInputError(source.path, f"cannot load dataset: {e}") from None
-    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds)]
+    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds, start=1)]

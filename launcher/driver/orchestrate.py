@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.errors import UserInputError
 from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
 from launcher.driver.stop import Signals
 from launcher.run.rundir import RunDir
+
+if TYPE_CHECKING:
+    from launcher.driver.progress import Consumer
 
 QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -110,13 +113,18 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
     )
 
 
-def run_torchrun(recipe: Recipe, run_dir: Path, signals: Signals) -> int:
+def run_torchrun(
+    recipe: Recipe, run_dir: Path, signals: Signals, consumers: Sequence[Consumer] = ()
+) -> int:
     """Single node without Ray: torchrun starts one worker process per GPU (or CPU worker).
+    ``consumers`` (the trackers) get each new metrics record.
 
     torchrun gets its own session, so a Ctrl-C in the terminal reaches only this driver,
     which then stops the workers through the run directory (launcher.driver.stop)."""
     import subprocess
     import sys
+
+    from launcher.driver.progress import follow
 
     env = os.environ | QUIET_WORKER_ENV | recipe.resources.worker_env()
     command = [
@@ -125,11 +133,12 @@ def run_torchrun(recipe: Recipe, run_dir: Path, signals: Signals) -> int:
     ]
     proc = subprocess.Popen(command, env=env, start_new_session=True)
     try:
-        while proc.poll() is None and not (signals.stopping and signals.expired()):
-            try:
-                proc.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
+        with follow(run_dir, False, consumers):
+            while proc.poll() is None and not (signals.stopping and signals.expired()):
+                try:
+                    proc.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    pass
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
@@ -156,15 +165,19 @@ def kill_tree(pid: int, timeout_s: float = 30.0) -> None:
         raise RuntimeError(f"processes {[p.pid for p in alive]} survived SIGKILL")
 
 
-def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals: Signals) -> None:
+def fit(
+    trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals: Signals,
+    consumers: Sequence[Consumer] = (),
+) -> None:
     """Run ``trainer.fit()`` in a thread, so this (main) thread keeps the signal handlers
     (Ray Train installs its own SIGINT handler only on the main thread). Returns when training
-    ended, or when a stop was requested and the workers did not leave by its deadline."""
+    ended, or when a stop was requested and the workers did not leave by its deadline.
+    The progress line (when ``progress``) and ``consumers`` get each new metrics record."""
     import threading
 
     from ray.train import TrainingFailedError
 
-    from launcher.driver.progress import ProgressFollower
+    from launcher.driver.progress import follow
 
     before = _attempts(run_dir)
     outcome: dict[str, BaseException] = {}
@@ -176,7 +189,7 @@ def fit(trainer: Any, run_dir: Path, progress: bool, max_failures: int, signals:
             outcome["error"] = e
 
     thread = threading.Thread(target=target, name="ftlaunch-fit", daemon=True)
-    with ProgressFollower(run_dir) if progress else nullcontext():
+    with follow(run_dir, progress, consumers):
         thread.start()
         while thread.is_alive() and not (signals.stopping and signals.expired()):
             thread.join(0.2)

@@ -12,6 +12,7 @@ collectives take between nodes. Every failed check names its node.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -571,7 +572,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a recipe field, e.g. --set resources.num_workers=16 (repeatable)",
     )
     parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster to join: HEAD:6379 on a node of it, ray://HEAD:10001 "
+        "(default: RAY_ADDRESS, else a private local Ray)",
+    )
+    parser.add_argument(
+        "--insecure", action="store_true",
+        help="join another machine over ray:// without Ray's TLS",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -579,7 +588,9 @@ def run(args: argparse.Namespace) -> int:
     import ray
 
     from launcher.driver import orchestrate
+    from launcher.jobs.submit import check_cluster_address
 
+    check_cluster_address(args.address, args.insecure, os.environ)
     recipe = load_recipe(args.recipe, args.set, args.output_dir)
     output_dir = Path(recipe.output_dir).expanduser().resolve()
     recipe = recipe.model_copy(update={"output_dir": str(output_dir)})

@@ -7,6 +7,9 @@ and this machine. Any failure is a UserInputError, raised before a run directory
 from __future__ import annotations
 
 import importlib.util
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,10 +33,13 @@ from launcher.model.build import (
     load_tokenizer,
     max_positions,
     meta_model,
+    remote_code_kwargs,
     resolve_attention,
 )
-from launcher.recipe import DataSource, Recipe
+from launcher.recipe.sections import DataSource
+from launcher.recipe import Recipe
 from launcher.model.trainable import apply_trainable, check_lr_groups
+from launcher.recipe.load import load_yaml_with_lines
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,50 @@ def check_early_stopping(recipe: Recipe) -> None:
         )
 
 
+FIELD_PATH = re.compile(r"^[a-z_]+(?:\.[A-Za-z0-9_]+|\[\d+\])*$")
+
+
+@contextmanager
+def recipe_locations(
+    recipe_path: str | Path, overrides: Sequence[str] = (), output_dir: str | None = None
+) -> Iterator[None]:
+    """Give a UserInputError raised inside (naming a field path, as prepare's checks do) the
+    place the user set that field: ``recipe.yaml:LINE: field``, ``--set field`` or
+    ``--output-dir``, as the schema errors of load_recipe name it."""
+    try:
+        yield
+    except UserInputError as e:
+        where = field_location(e.where, Path(recipe_path), overrides, output_dir)
+        if where is None:
+            raise
+        raise UserInputError(where, e.message) from None
+
+
+def field_location(
+    field: str, recipe_path: Path, overrides: Sequence[str], output_dir: str | None
+) -> str | None:
+    if not FIELD_PATH.match(field) or field.split(".")[0].split("[")[0] not in Recipe.model_fields:
+        return None
+    if field == "output_dir" and output_dir is not None:
+        return "--output-dir"
+    for item in reversed(list(overrides)):  # the last --set of a field wins
+        key = item.partition("=")[0].strip()
+        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
+            return f"--set {key}: {field}" if key != field else f"--set {field}"
+    path: tuple[str | int, ...] = tuple(
+        int(part) if part.isdigit() else part
+        for part in re.split(r"\.|\[|\]\.?", field) if part != ""
+    )
+    try:
+        _, lines = load_yaml_with_lines(recipe_path)
+    except UserInputError:
+        return None
+    for end in range(len(path), 0, -1):
+        if path[:end] in lines:
+            return f"{recipe_path}:{lines[path[:end]]}: {field}"
+    return f"{recipe_path}: {field}"
+
+
 def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     """Checks that need no model, tokenizer or data: for recipes whose model or data live on
     a hub this machine cannot reach. The DeepSpeed config is resolved with default buckets."""
@@ -169,10 +219,11 @@ def prepare(recipe: Recipe) -> Prepared:
     attention = None
     if not recipe.resources.use_gpu or torch.cuda.is_available():
         attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
+    skeleton = meta_model(config, recipe.task, remote_code_kwargs(recipe.model))
     if recipe.uses_adapter:
-        check_adapter_targets(meta_model(config, recipe.task), recipe)
+        check_adapter_targets(skeleton, recipe)
     else:
-        check_trainable(recipe, meta_model(config, recipe.task))
+        check_trainable(recipe, skeleton)
     tokenizer = load_tokenizer(recipe.model)
     recipe = with_label_names(recipe)
     check_early_stopping(recipe)

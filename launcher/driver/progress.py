@@ -1,15 +1,20 @@
-"""The driver's live progress line, from the run's metrics.jsonl as the workers write it."""
+"""The driver's side of metrics.jsonl: a follower that hands each new record to consumers
+(the live progress line, the trackers)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, TextIO
 
 from launcher.run.rundir import RunDir
+from launcher.train.metrics import _step
 
 
 def format_progress(record: dict[str, Any], total: int | None, started: float) -> str:
@@ -38,21 +43,49 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class ProgressFollower:
-    """Driver-side thread that tails metrics.jsonl and prints a live progress line."""
+class ProgressLine:
+    """Metrics consumer that prints one progress line per record."""
 
-    def __init__(self, run_dir: Path, stream: TextIO = sys.stderr, interval: float = 1.0):
-        self.run_dir = run_dir
-        self.stream = stream
+    def __init__(self, run_dir: Path, stream: TextIO = sys.stderr):
+        self.run_dir, self.stream = run_dir, stream
+        self._started = time.time()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        total = _total_steps(self.run_dir)
+        self.stream.write(format_progress(record, total, self._started) + "\n")
+        self.stream.flush()
+
+
+Consumer = Callable[[dict[str, Any]], None]
+
+
+class MetricsFollower:
+    """Driver-side thread that tails metrics.jsonl and hands every new record to each consumer.
+
+    Records already in the file on entry are not handed out again. A resumed worker rewrites
+    the file (cut back to its resume step, a new inode): the follower then reads it from the
+    start and hands out the lines that differ from those it has seen at their step, so the
+    steps trained again reach the consumers and the lines kept do not."""
+
+    def __init__(self, run_dir: Path, consumers: list[Consumer], interval: float = 1.0):
+        self.path = RunDir(run_dir).metrics
+        self.consumers = consumers
         self.interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._offset = 0
-        self._started = time.time()
+        self._inode: int | None = None
+        self._seen: dict[Any, str] = {}
 
-    def __enter__(self) -> ProgressFollower:
-        path = RunDir(self.run_dir).metrics
-        self._offset = path.stat().st_size if path.exists() else 0
+    def __enter__(self) -> MetricsFollower:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                self._inode = os.fstat(f.fileno()).st_ino
+                data = f.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self._offset = len(complete)
+            for line in complete.decode().splitlines():
+                self._seen[_step(line)] = line
         self._thread.start()
         return self
 
@@ -66,23 +99,44 @@ class ProgressFollower:
             self._poll()
 
     def _poll(self) -> None:
-        path = RunDir(self.run_dir).metrics
-        if not path.exists():
+        try:
+            f = self.path.open("rb")
+        except FileNotFoundError:
             return
-        self._offset = min(self._offset, path.stat().st_size)
-        with path.open() as f:
+        with f:
+            stat = os.fstat(f.fileno())
+            if stat.st_ino != self._inode:
+                self._inode, self._offset = stat.st_ino, 0
+            self._offset = min(self._offset, stat.st_size)
             f.seek(self._offset)
             chunk = f.read()
-        complete = chunk[: chunk.rfind("\n") + 1]
-        self._offset += len(complete.encode())
-        total = _total_steps(self.run_dir)
-        for line in complete.splitlines():
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode(errors="replace").splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            self.stream.write(format_progress(record, total, self._started) + "\n")
-        self.stream.flush()
+            step = _step(line)
+            if self._seen.get(step) == line:
+                continue
+            self._seen[step] = line
+            for consumer in self.consumers:
+                consumer(record)
+
+
+class ProgressFollower(MetricsFollower):
+    """Follows metrics.jsonl and prints a live progress line."""
+
+    def __init__(self, run_dir: Path, stream: TextIO = sys.stderr, interval: float = 1.0):
+        super().__init__(run_dir, [ProgressLine(run_dir, stream)], interval)
+
+
+def follow(run_dir: Path, progress: bool, consumers: Sequence[Consumer] = ()) -> Any:
+    """A follower feeding the progress line (when ``progress``) and ``consumers``, or a
+    context that does nothing when there is no one to feed."""
+    fed = [ProgressLine(run_dir)] * progress + [c for c in consumers if c is not None]
+    return MetricsFollower(run_dir, fed) if fed else nullcontext()
 
 
 def _total_steps(run_dir: Path) -> int | None:

@@ -3,9 +3,11 @@
 
 On SIGINT or SIGTERM the driver writes ``STOP.json`` into the run directory. Every rank
 checks it at each step boundary (rank 0 reads it, one all-reduce tells the others), so all
-ranks leave the loop at the same step; asked to, they first commit a checkpoint of that step
-when the last save suggests one fits in the time left. The driver waits for the workers until
-the request's deadline (or a second signal), then kills what is still running.
+ranks leave the loop at the same step; asked to (``checkpoint.on_preempt``), they first commit
+a checkpoint of that step when the last save suggests one fits in the time left. The driver
+waits for the workers until the request's deadline, then kills what is still running. A second
+signal means "stop now": the driver kills the workers at once, without waiting for a save in
+progress (which is then never committed, so resume skips it), and exits 128 + that signal.
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ class Signals:
     """The driver's SIGINT/SIGTERM handling while workers run. The first signal writes the
     stop request; a second one (or the deadline) means: kill now."""
 
-    def __init__(self, run_dir: Path, save_on_sigterm: bool, grace_s: float):
+    def __init__(self, run_dir: Path, save_on_stop: bool, grace_s: float):
         self.run_dir = run_dir
-        self.save_on_sigterm = save_on_sigterm
+        self.save_on_stop = save_on_stop
         self.grace_s = grace_s
         self.first: signal.Signals | None = None
+        self.second: signal.Signals | None = None
         self.deadline = float("inf")
         self._previous: dict[int, Any] = {}
 
@@ -50,8 +53,7 @@ class Signals:
         return self
 
     def reclaim(self) -> None:
-        """Install the handlers again: ``ray.init`` puts its own SIGTERM handler (which
-        aborts the driver) in place of ours."""
+        """Install the handlers again, should a library have put its own in their place."""
         for sig in EXIT_CODES:
             signal.signal(sig, self._handle)
 
@@ -62,11 +64,14 @@ class Signals:
     def _handle(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
         if self.first is not None:
-            self.deadline = 0.0
-            print(f"[ftlaunch] {sig.name} again: stopping the workers now", file=sys.stderr)
+            if self.second is None:
+                self.second = sig
+                self.deadline = 0.0
+                print(f"[ftlaunch] {sig.name} again: stopping the workers now, without "
+                      "waiting for a save", file=sys.stderr)
             return
         self.first = sig
-        save = sig == signal.SIGTERM and self.save_on_sigterm
+        save = self.save_on_stop
         self.deadline = time.time() + self.grace_s
         if self.run_dir.is_dir():  # else no worker runs yet; the launch checks ``stopping``
             request(self.run_dir, StopRequest(sig.name, save, self.deadline))
@@ -83,8 +88,21 @@ class Signals:
     def expired(self) -> bool:
         return time.time() >= self.deadline
 
+    def how(self) -> str:
+        """How the stop went, for the driver's last message."""
+        assert self.first is not None
+        if self.second is not None:
+            return (f"stopped at once by a second signal ({self.first.name}, then "
+                    f"{self.second.name}); a save in progress was dropped")
+        if self.expired():
+            return (f"stopped by {self.first.name}; the grace period ran out "
+                    f"(checkpoint.preempt_grace_s={self.grace_s:g} s)")
+        return f"stopped by {self.first.name}"
+
     def exit_code(self) -> int:
-        return EXIT_CODES[self.first] if self.first is not None else 0
+        """128 + the number of the signal that ended the run: the second one, if any."""
+        last = self.second or self.first
+        return EXIT_CODES[last] if last is not None else 0
 
 
 class Terminated(BaseException):

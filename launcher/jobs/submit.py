@@ -124,6 +124,50 @@ def check_transport(address: str, insecure: bool, env: Mapping[str, str]) -> Non
         )
 
 
+def check_cluster_address(address: str | None, insecure: bool, env: Mapping[str, str]) -> None:
+    """``train``/``preflight --address`` (else RAY_ADDRESS): a Ray cluster to join, checked
+    before any connection. Credentials in it are refused (it is printed and logged), as is a
+    job server URL (http://, https://: that is ``ftlaunch submit``'s). ``ray://`` (Ray Client)
+    to another machine is plain gRPC carrying the token, the job and its data, so it needs
+    Ray's TLS (RAY_USE_TLS=1) or ``--insecure``. ``HOST:PORT`` (the GCS) and ``auto`` join
+    the cluster as one of its nodes would, from a machine inside its network."""
+    where = "--address" if address else "RAY_ADDRESS"
+    address = address or env.get("RAY_ADDRESS") or ""
+    if address in ("", "auto", "local"):
+        return
+    scheme, sep, _ = address.partition("://")
+    url = urlparse(address if sep else f"gcs://{address}")
+    if "@" in url.netloc:
+        raise UserInputError(
+            where, "has credentials in the address, which would be printed and logged; give "
+            "the address alone and the token in RAY_AUTH_TOKEN",
+        )  # fmt: skip
+    if sep and scheme.lower() in ("http", "https"):
+        raise UserInputError(
+            where, f"'{address}' is a job server URL; to train on that cluster from here use "
+            f"'ftlaunch submit RECIPE --address {address}', or give the cluster's own address "
+            "(HEAD:6379 on a node of the cluster, or ray://HEAD:10001)",
+        )  # fmt: skip
+    try:
+        port = url.port
+    except ValueError:
+        port = None
+    if (sep and scheme != "ray") or not url.hostname or port is None:
+        raise UserInputError(
+            where, f"'{address}' is not a Ray cluster address such as HEAD:6379, "
+            "ray://HEAD:10001 or auto",
+        )  # fmt: skip
+    tls = env.get("RAY_USE_TLS", "").lower() in ("1", "true")
+    if scheme == "ray" and not (insecure or tls or is_loopback(address)):
+        raise UserInputError(
+            where, f"{address} is another machine over Ray Client without TLS: the Ray token, "
+            "the recipe and the logs would cross the network unencrypted. Use an SSH tunnel "
+            "(ssh -L 10001:localhost:10001 HEAD, then --address ray://127.0.0.1:10001), Ray's "
+            "TLS (RAY_USE_TLS=1), or 'ftlaunch submit'; on a network you trust, --insecure "
+            "connects anyway.",
+        )  # fmt: skip
+
+
 def parse_env(items: Sequence[str]) -> dict[str, str]:
     """``--env KEY=VALUE`` pairs; secret names are refused."""
     env: dict[str, str] = {}

@@ -12,7 +12,8 @@ import torch
 
 from launcher.errors import UserInputError
 from launcher.model.build import head_module_names
-from launcher.recipe import TASKS, IA3Section, LoraSection, PromptSection, Recipe
+from launcher.recipe import TASKS, Recipe
+from launcher.recipe.sections import IA3Section, LoraSection, PromptSection
 
 
 def lora_target_misses(model: torch.nn.Module, targets: list[str]) -> list[str]:

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import TASKS, ModelSection
+from launcher.recipe import TASKS
+from launcher.recipe.sections import ModelSection
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_ATTENTION = {
@@ -90,6 +91,18 @@ def check_remote_code_pins(cfg: ModelSection) -> None:
             )
 
 
+def remote_code_kwargs(cfg: ModelSection) -> dict[str, Any]:
+    """What building a model from a config loaded with :func:`load_model_config` needs to run
+    the code that config names: the recipe's trust, and for a hub repository its pinned commit
+    (a local directory runs the code it holds)."""
+    if not cfg.trust_remote_code:
+        return {}
+    kwargs: dict[str, Any] = {"trust_remote_code": True}
+    if cfg.name_or_path is not None and not Path(cfg.name_or_path).is_dir():
+        kwargs["code_revision"] = cfg.revision
+    return kwargs
+
+
 def load_tokenizer(cfg: ModelSection, padding_side: str | None = None) -> Any:
     """The recipe's tokenizer; a ``padding_side`` given here is saved with it."""
     from transformers import AutoTokenizer
@@ -146,11 +159,14 @@ def hidden_size(config: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def meta_model(config: Any, task: str = "causal_lm") -> torch.nn.Module:
-    """The model's module tree without allocating weights (for name checks on the driver)."""
+def meta_model(
+    config: Any, task: str = "causal_lm", remote: dict[str, Any] | None = None
+) -> torch.nn.Module:
+    """The model's module tree without allocating weights (for name checks on the driver);
+    ``remote`` is :func:`remote_code_kwargs` for a config whose classes are remote code."""
     try:
         with torch.device("meta"):
-            return auto_model_class(task).from_config(config)
+            return auto_model_class(task).from_config(config, **(remote or {}))
     except (TypeError, ValueError, ArithmeticError) as e:  # a config value of the wrong kind
         raise UserInputError("model", f"the model cannot be built from its config: {e}") from None
 

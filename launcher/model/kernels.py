@@ -11,7 +11,7 @@ import torch
 
 from launcher.errors import UserInputError
 from launcher.model.losses import LossConfig
-from launcher.recipe import LoraSection, ModelSection
+from launcher.recipe.sections import LoraSection, ModelSection
 
 KernelChoice = Literal["liger", "none"]
 # Everything but the loss: the loss is computed by launcher.model.losses on the model's hidden

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from launcher.errors import UserInputError
-from launcher.recipe import FreezeSection, TrainSection
+from launcher.recipe.run_sections import FreezeSection, TrainSection
 
 
 def embedding_parameters(model: torch.nn.Module) -> set[str]:

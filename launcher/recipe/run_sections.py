@@ -163,8 +163,9 @@ class CheckpointSection(Section):
     )
     on_preempt: bool = Field(
         True,
-        description="On SIGTERM (preemption, pod deletion), commit a checkpoint of the step "
-        "reached before stopping, when one fits in preempt_grace_s.",
+        description="On SIGINT or SIGTERM (Ctrl-C, preemption, pod deletion), commit a "
+        "checkpoint of the step reached before stopping, when one fits in preempt_grace_s "
+        "(a second signal stops at once, without it).",
     )
     preempt_grace_s: float = Field(
         20.0, gt=0,
@@ -211,9 +212,61 @@ class EvalSection(Section):
     )
 
 
+class TensorBoardSection(Section):
+    dir: str | None = Field(
+        None, description="Event file directory. Default: RUN_DIR/tensorboard."
+    )
+
+
+class MlflowSection(Section):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI, else a local SQLite "
+        "store in the run directory (sqlite:///RUN_DIR/mlflow.db, artifacts in "
+        "RUN_DIR/mlartifacts).",
+    )
+    experiment: str | None = Field(
+        None, description="Experiment name. Default: MLFLOW_EXPERIMENT_NAME, else 'ftlaunch'."
+    )
+    run_name: str | None = Field(None, description="Run name. Default: MLflow's generated one.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Tags set on the run.")
+
+
+class WandbSection(Section):
+    project: str | None = Field(
+        None, description="W&B project. Default: WANDB_PROJECT, else W&B's own default."
+    )
+    entity: str | None = Field(None, description="W&B entity. Default: WANDB_ENTITY.")
+    mode: Literal["online", "offline"] | None = Field(
+        None,
+        description="online syncs as it runs (needs WANDB_API_KEY or 'wandb login' on the "
+        "driver); offline writes the run locally for 'wandb sync'. Default: WANDB_MODE, else "
+        "online.",
+    )
+    dir: str | None = Field(
+        None, description="Where W&B writes its files. Default: WANDB_DIR, else RUN_DIR."
+    )
+    run_name: str | None = Field(None, description="Run name. Default: W&B's generated one.")
+    tags: list[str] = Field(default_factory=list, description="Tags set on the run.")
+
+
 class LoggingSection(Section):
     every_steps: PositiveInt = Field(1, description="Write metrics every N steps.")
     progress: bool = Field(True, description="Show a live progress line on the driver.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=list,
+        description="Experiment trackers the driver feeds from metrics.jsonl (workers hold no "
+        "tracker code). Each needs its extra: pip install 'ftlaunch[tensorboard]' (or mlflow, "
+        "wandb; 'trackers' for all three). The tracker run id is kept in RUN_DIR/trackers.json, "
+        "so a resumed run continues the same tracker run.",
+    )
+    tensorboard: TensorBoardSection = Field(
+        default_factory=TensorBoardSection, description="TensorBoard settings."
+    )
+    mlflow: MlflowSection = Field(default_factory=MlflowSection, description="MLflow settings.")
+    wandb: WandbSection = Field(
+        default_factory=WandbSection, description="Weights & Biases settings."
+    )
     peak_tflops: float | None = Field(
         None,
         gt=0,

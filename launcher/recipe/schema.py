@@ -52,13 +52,14 @@ class TaskKind(BaseModel):
     new_head: bool
     problem_types: tuple[str, ...] = ()
     packing: bool = False
+    generates: bool = False  # the model writes text (ftlaunch chat)
 
 
 # The task enum: a new task adds its entry here and its behaviour in launcher/tasks/.
 TASKS = {
     "causal_lm": TaskKind(
         formats=("instruction", "chat", "text"), auto_class="AutoModelForCausalLM",
-        peft_task_type="CAUSAL_LM", new_head=False, packing=True,
+        peft_task_type="CAUSAL_LM", new_head=False, packing=True, generates=True,
     ),
     "sequence_classification": TaskKind(
         formats=("classification",), auto_class="AutoModelForSequenceClassification",

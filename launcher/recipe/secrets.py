@@ -15,27 +15,48 @@ import unicodedata
 from collections.abc import Iterator
 from typing import Any
 
-SECRET_WORDS = (
-    "TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS", "CREDENTIAL",
-)  # fmt: skip
+SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIALS",
+                "CREDENTIAL")  # a name's last word ending with one of these is secret
+ALWAYS_SECRET = ("SECRET", "PASSWORD", "PASSWD", "PASSPHRASE", "CREDENTIAL")  # at any word
+# The word before TOKEN or KEY that names a tokenizer's token or a lookup key, not a secret.
+PLAIN_QUALIFIERS = frozenset({
+    "PAD", "EOS", "BOS", "UNK", "SEP", "CLS", "MASK", "START", "END", "STOP", "SPECIAL", "EOT",
+    "IMAGE", "AUDIO", "VIDEO", "DECODER", "SORT", "CACHE", "LABEL", "PRIMARY", "FOREIGN",
+    "DICT", "MAP", "HASH", "GROUP", "PARTITION", "SHARD", "METRIC", "COLUMN", "FIELD", "LOOKUP",
+    "INDEX", "JOIN", "ROUTING", "SEED", "RNG", "MONITOR", "INPUT", "OUTPUT", "TEXT", "PROMPT",
+    "RESPONSE", "MESSAGE", "MESSAGES", "ROLE", "CONTENT", "STATE", "DATASET", "CONFIG",
+})  # fmt: skip
 SECRETS_HELP = (
     "set it in the environment of the Ray nodes instead (on Kubernetes: a Secret, "
     "'ftlaunch k8s --secret'); see 'Secrets on the cluster' in README.md"
 )
 _WORD_SEPARATOR = re.compile(r"[^A-Za-z0-9]+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 
 
 def is_secret_name(name: str) -> bool:
     """HF_TOKEN, hf_token, WANDB_API_KEY, Api-Key, apiKey, AWS_SECRET_ACCESS_KEY, db.password.
 
-    The name is split into words at anything but a letter or digit, case and Unicode
-    compatibility forms (fullwidth letters) ignored. Any word that ends with TOKEN, KEY,
-    SECRET, PASSWORD, ... makes the name secret (API_KEY_2 too), so TOKENIZERS_PARALLELISM
-    (a setting) passes. Erring on the side of refusing: a refused name costs a rename or a
-    Secret, a missed one leaks.
+    The name is split into words at anything but a letter or digit and at a lower-to-upper
+    case change (apiKey), case and Unicode compatibility forms (fullwidth letters) ignored,
+    trailing number words dropped (API_KEY_2). Secret: any word holding SECRET, PASSWORD,
+    PASSWD, PASSPHRASE or CREDENTIAL; or a last word ending with TOKEN or KEY (apikey too),
+    unless the word before names a tokenizer's token or a lookup key (pad_token, sort_key).
+    A word inside the name does not count (token_budget, layer_token_lr_schedule,
+    TOKENIZERS_PARALLELISM, max_tokens). Erring on the side of refusing: a refused name costs
+    a rename or a Secret, a missed one leaks.
     """
-    plain = unicodedata.normalize("NFKC", name).upper()
-    return any(word.endswith(SECRET_WORDS) for word in _WORD_SEPARATOR.split(plain) if word)
+    plain = _CAMEL.sub("_", unicodedata.normalize("NFKC", name))
+    words = [w for w in _WORD_SEPARATOR.split(plain.upper()) if w]
+    while words and words[-1].isdigit():
+        words.pop()
+    if not words:
+        return False
+    if any(secret in word for word in words for secret in ALWAYS_SECRET):
+        return True
+    if not words[-1].endswith(SECRET_WORDS):
+        return False
+    return not (len(words) > 1 and words[-1] in ("TOKEN", "KEY") and words[-2] in PLAIN_QUALIFIERS)
 
 
 def secret_key_paths(node: Any, prefix: str) -> Iterator[str]:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,13 @@ import torch
 
 from launcher.checkpoint import commit as ckpt
 from launcher.errors import ExportError, UserInputError
-from launcher.model.build import DTYPES, auto_model_class, load_model_config, load_tokenizer
 from launcher.model.adapters import adapter_config
-from launcher.tasks.base import task_for
+from launcher.model.build import DTYPES, auto_model_class, load_model_config, load_tokenizer, remote_code_kwargs
+from launcher.recipe.sections import ModelSection
 from launcher.recipe import Recipe
 from launcher.run.probe import probe_ids
 from launcher.run.rundir import RunDir, load_resolved
+from launcher.tasks.base import task_for
 
 EXPORT_MARK = "ftlaunch_export.json"  # in every export: the files it wrote
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -67,7 +70,9 @@ def rebuild(
     task = task_for(recipe)
     config = task.configure(load_model_config(recipe.model), pad_token_id)
     with no_init_weights():
-        model = auto_model_class(recipe.task).from_config(config, dtype=torch.float32)
+        model = auto_model_class(recipe.task).from_config(
+            config, dtype=torch.float32, **remote_code_kwargs(recipe.model)
+        )
     if recipe.uses_adapter:
         from peft import get_peft_model
 
@@ -108,7 +113,9 @@ def export_run(
     if ckpt.checkpoints_dir(run_dir) in (out, *out.parents):
         raise UserInputError(where, f"{out} is inside the run's checkpoints/: an export there "
                              "would make a checkpoint hold files its manifest does not name")
-    check_destination(out, where)
+    own_final = out == run_dir / "final"  # a final/ ftlaunch did not mark is moved aside
+    if not own_final:
+        check_destination(out, where)
     chosen = choose_checkpoint(run_dir, step)
     tokenizer = load_tokenizer(recipe.model)
     model = rebuild(recipe, consolidated_state(chosen), tokenizer.pad_token_id)
@@ -124,12 +131,14 @@ def export_run(
         if task_for(recipe).pads_left(recipe.method, model.config.model_type):
             tokenizer = load_tokenizer(recipe.model, padding_side="left")  # as training padded
         tokenizer.save_pretrained(str(staging))
-        got = _logits(load_exported(staging, dtype, recipe.task), probe)
+        got = _logits(load_exported(staging, dtype, recipe.task, recipe.model), probe)
         _compare(got, expected, dtype, "reloaded export vs checkpoint")
         trained = trained_logits(run_dir, chosen.step)
         if trained is not None:
             _compare(got, trained, dtype, "reloaded export vs the model at the end of training")
         mark_export(staging, chosen.step)
+        if own_final:
+            move_aside_unmarked(out)
         install(staging, out, where)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -150,6 +159,21 @@ def check_destination(out: Path, where: str) -> None:
             f"{out} holds files ftlaunch did not write ({', '.join(foreign[:3])}"
             f"{', ...' if len(foreign) > 3 else ''}); choose another --out, or move them away",
         )
+
+
+def move_aside_unmarked(final: Path) -> None:
+    """The run's own final/ holding files no ftlaunch export listed (one written by an older
+    ftlaunch, or files added to it) is renamed to final.old-<UTC time>/, never deleted."""
+    if not final.is_dir() or not foreign_files(final):
+        return
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = final.with_name(f"{final.name}.old-{stamp}")
+    n = 1
+    while aside.exists():
+        aside, n = final.with_name(f"{final.name}.old-{stamp}-{n}"), n + 1
+    final.rename(aside)
+    print(f"[ftlaunch] {final} held files ftlaunch did not write there; kept them, moved to "
+          f"{aside}", file=sys.stderr)
 
 
 def foreign_files(out: Path) -> list[str]:
@@ -217,17 +241,32 @@ def _strip_lora_from_base(base_dir: Path) -> None:
         save_file(plain, str(path), metadata={"format": "pt"})
 
 
-def load_exported(path: Path, dtype: torch.dtype, task: str = "causal_lm") -> torch.nn.Module:
-    """Load an export the way users will: the task's Auto class for models, peft for adapters."""
+def load_exported(
+    path: Path, dtype: torch.dtype, task: str = "causal_lm", model: ModelSection | None = None
+) -> torch.nn.Module:
+    """Load an export the way users will: the task's Auto class for models, peft for adapters.
+
+    ``model`` is the recipe's model section: with trust_remote_code the export holds a copy of
+    the model's code (it was checked pinned when training started) and an adapter's base is
+    loaded from the recipe's source at its pinned revision, as training loaded it.
+    """
     auto = auto_model_class(task)
+    trust = {"trust_remote_code": True} if model is not None and model.trust_remote_code else {}
     if (path / "adapter_config.json").is_file():
         from peft import PeftConfig, PeftModel
 
         shipped = path / "base_model"
-        base_path = str(shipped) if shipped.is_dir() else PeftConfig.from_pretrained(str(path)).base_model_name_or_path
-        base = auto.from_pretrained(base_path, dtype=dtype)
+        if shipped.is_dir():
+            base = auto.from_pretrained(str(shipped), dtype=dtype, **trust)
+        elif model is not None and model.name_or_path is not None:
+            base = auto.from_pretrained(
+                model.name_or_path, revision=model.revision, dtype=dtype, **trust
+            )
+        else:
+            name = PeftConfig.from_pretrained(str(path)).base_model_name_or_path
+            base = auto.from_pretrained(name, dtype=dtype)
         return PeftModel.from_pretrained(base, str(path)).eval()
-    return auto.from_pretrained(str(path), dtype=dtype).eval()
+    return auto.from_pretrained(str(path), dtype=dtype, **trust).eval()
 
 
 def trained_logits(run_dir: Path, step: int) -> torch.Tensor | None:

@@ -62,7 +62,7 @@ class RunDir:
 
     ray_storage_name = "ray"  # Ray Train's own run state, under the run directory
 
-    def fault_marker(self, kind: str, step: int) -> Path:
+    def fault_marker(self, kind: str, step: int | str) -> Path:
         return self.path / f".fault_{kind}_{step}"
 FREE_TRAIN_FIELDS = {"max_steps", "epochs", "micro_batch_size", "grad_accum", "global_batch_size"}
 

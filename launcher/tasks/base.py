@@ -19,7 +19,9 @@ from launcher.data.tokenized import TokenizedSplit
 from launcher.model.build import load_model_config
 from launcher.model.losses import LossConfig
 from launcher.ranks import Rank
-from launcher.recipe import DistillSection, EvalSection, Recipe
+from launcher.recipe.sections import DistillSection
+from launcher.recipe.run_sections import EvalSection
+from launcher.recipe import Recipe
 
 
 @dataclass(frozen=True)

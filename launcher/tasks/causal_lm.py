@@ -12,7 +12,8 @@ import torch
 from launcher.data.tokenized import IGNORE_INDEX, TokenizedSplit
 from launcher.model.losses import LossConfig, model_loss_sum, token_loss_sum
 from launcher.ranks import Rank
-from launcher.recipe import DistillSection, EvalSection
+from launcher.recipe.sections import DistillSection
+from launcher.recipe.run_sections import EvalSection
 from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective
 from launcher.tasks.evaluation import Totals, evaluating, sharded

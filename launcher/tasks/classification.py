@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from launcher.data.tokenized import IGNORE_INDEX
 from launcher.model.build import head_module_names
-from launcher.recipe import LabelsSection
+from launcher.recipe.sections import LabelsSection
 
 HF_PROBLEM_TYPES = {
     "single_label": "single_label_classification",

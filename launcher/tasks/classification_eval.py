@@ -18,7 +18,7 @@ from launcher.tasks import classification
 from launcher.data.tokenized import IGNORE_INDEX, TokenizedSplit
 from launcher.ranks import Rank, gather
 from launcher.tasks.evaluation import Totals, evaluating, sharded
-from launcher.recipe import LabelsSection
+from launcher.recipe.sections import LabelsSection
 
 Prediction = Any  # class probabilities, a number, or a list of tag indices
 

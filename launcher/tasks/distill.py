@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from launcher.data.tokenized import IGNORE_INDEX
 from launcher.recipe.ds_config import zero_stage
 from launcher.errors import UserInputError
-from launcher.recipe import DistillSection, Recipe
+from launcher.recipe.sections import DistillSection
+from launcher.recipe import Recipe
 
 
 def target_logits(

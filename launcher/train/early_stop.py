@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from launcher.recipe import EarlyStoppingSection
+from launcher.recipe.run_sections import EarlyStoppingSection
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,13 @@
 
 ``FTLAUNCH_TEST_FAULT=KIND:STEP[:always]`` where KIND is
 ``crash`` (rank 0 exits when step STEP starts), ``save`` (rank 0 exits while saving the
-checkpoint of step STEP, after its shards are written and before the commit marker) or
-``hang`` (the last rank stops taking part in collectives at step STEP). Each fires once per
-run directory unless ``always`` is given. Unset, this module does nothing.
+checkpoint of step STEP, after its shards are written and before the commit marker),
+``slow_save`` (rank 0 sleeps at that same point for ``FTLAUNCH_TEST_SLOW_SAVE_S`` seconds,
+600 unless set, then the save goes on and commits) or ``hang`` (the last rank stops taking
+part in collectives at step STEP). STEP is a step number, or ``N+``: the first step from N on
+that reaches the point. Each fires once per run directory unless ``always`` is given; when it
+fires it writes ``.fault_KIND_STEP`` (STEP as given) into the run directory, holding the step.
+Unset, this module does nothing.
 """
 
 from __future__ import annotations
@@ -17,20 +21,30 @@ from launcher.ranks import Rank
 from launcher.run.rundir import RunDir
 
 FAULT_ENV = "FTLAUNCH_TEST_FAULT"
+SLOW_SAVE_ENV = "FTLAUNCH_TEST_SLOW_SAVE_S"
+
+
+def _matches(spec_step: str, step: int) -> bool:
+    if spec_step.endswith("+"):
+        return step >= int(spec_step[:-1])
+    return int(spec_step) == step
 
 
 def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     spec = os.environ.get(FAULT_ENV, "").split(":")
-    if len(spec) < 2 or spec[0] != kind or int(spec[1]) != step:
+    if len(spec) < 2 or spec[0] != kind or not _matches(spec[1], step):
         return
     victim = rank.world - 1 if kind == "hang" else 0
     if rank.rank != victim:
         return
-    marker = RunDir(run_dir).fault_marker(kind, step)
+    marker = RunDir(run_dir).fault_marker(kind, spec[1])
     if marker.exists() and spec[2:] != ["always"]:
         return
-    marker.write_text("fired")
+    marker.write_text(str(step))
     print(f"[ftlaunch] injected fault '{kind}' at step {step} on rank {rank.rank}", flush=True)
+    if kind == "slow_save":
+        time.sleep(float(os.environ.get(SLOW_SAVE_ENV, "600")))
+        return
     if kind == "hang":
         time.sleep(10**6)
     os._exit(17)

@@ -18,7 +18,8 @@ from launcher.data.tokenized import PreparedData
 from launcher.model.build import DTYPES, load_model_config, load_tokenizer, resolve_attention
 from launcher.model.losses import causal_lm
 from launcher.ranks import Rank, all_reduce, current_rank, gather
-from launcher.recipe import EarlyStoppingSection, Recipe
+from launcher.recipe.run_sections import EarlyStoppingSection
+from launcher.recipe import Recipe
 from launcher.recipe.ds_config import zero_stage
 from launcher.run.probe import write_probe
 from launcher.run.rundir import RunDir
@@ -167,7 +168,9 @@ def save(s: Session, step: int) -> None:
     engine_state.save(
         s.trainee.engine, s.run_dir, step, s.rank, s.recipe.checkpoint,
         s.recipe.model_dump(mode="json"),
-        before_commit=lambda: fault_point("save", step, s.run_dir, s.rank),
+        before_commit=lambda: [
+            fault_point(kind, step, s.run_dir, s.rank) for kind in ("save", "slow_save")
+        ],
     )
 
 

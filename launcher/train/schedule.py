@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from launcher.recipe import TrainSection
+from launcher.recipe.run_sections import TrainSection
 
 
 def warmup_steps(train: TrainSection, total: int) -> int:

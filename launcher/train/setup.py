@@ -19,7 +19,9 @@ from launcher.model.build import DTYPES, build_model, enable_gradient_checkpoint
 from launcher.model.kernels import KernelPlan, apply_kernels, plan_kernels
 from launcher.model.trainable import apply_trainable, optimizer_groups
 from launcher.ranks import Rank
-from launcher.recipe import DataSection, LabelsSection, Recipe, TrainSection
+from launcher.recipe.sections import DataSection, LabelsSection
+from launcher.recipe import Recipe
+from launcher.recipe.run_sections import TrainSection
 from launcher.recipe.ds_config import offloads_optimizer, zero_stage
 from launcher.tasks.base import Task
 from launcher.train.schedule import lr_lambda
