@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from launcher.durable import fsync_path, sha256_file, write_atomic  # noqa: F401
-from launcher.run.rundir import RunDir
 from launcher.errors import UserInputError
+from launcher.run.rundir import RunDir
 
 MARKER = "COMMITTED.json"
 BEST = "best.json"  # in checkpoints/: the step of the best evaluation (eval.early_stopping)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from launcher.checkpoint import commit as ckpt
+from launcher.durable import write_atomic
 from launcher.errors import ExportError, UserInputError
 from launcher.model.adapters import adapter_config
 from launcher.model.build import DTYPES, auto_model_class, load_model_config, load_tokenizer, remote_code_kwargs
@@ -189,7 +190,7 @@ def foreign_files(out: Path) -> list[str]:
 def mark_export(staging: Path, step: int) -> None:
     """List every file this export wrote, so a later export knows what it may replace."""
     files = ckpt.present_files(staging)
-    ckpt.write_atomic(staging / EXPORT_MARK, json.dumps({"step": step, "files": files}, indent=1))
+    write_atomic(staging / EXPORT_MARK, json.dumps({"step": step, "files": files}, indent=1))
 
 
 def install(staging: Path, out: Path, where: str) -> None:
