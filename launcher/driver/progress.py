@@ -125,13 +125,6 @@ class MetricsFollower:
                 consumer(record)
 
 
-class ProgressFollower(MetricsFollower):
-    """Follows metrics.jsonl and prints a live progress line."""
-
-    def __init__(self, run_dir: Path, stream: TextIO = sys.stderr, interval: float = 1.0):
-        super().__init__(run_dir, [ProgressLine(run_dir, stream)], interval)
-
-
 def follow(run_dir: Path, progress: bool, consumers: Sequence[Consumer] = ()) -> Any:
     """A follower feeding the progress line (when ``progress``) and ``consumers``, or a
     context that does nothing when there is no one to feed."""

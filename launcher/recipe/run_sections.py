@@ -3,11 +3,9 @@ logging (the model, method and data sections are sections.py)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from launcher.recipe.secrets import SECRETS_HELP, is_secret_name, secret_key_paths
 from launcher.recipe.sections import PositiveInt, Section

@@ -3,13 +3,9 @@ is its documentation); the Recipe that holds them is schema.py."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from launcher.recipe.secrets import SECRETS_HELP, is_secret_name, secret_key_paths
 
 
 AttentionKernel = Literal["auto", "flash_attention_2", "flex", "sdpa", "eager"]

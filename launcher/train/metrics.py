@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
