@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,17 @@ def train_ray(
     from launcher.rundir import write_run_files
 
     recipe = prepared.recipe
-    connected_here = orchestrate.connect(args.address, recipe)
+    try:
+        connected_here = orchestrate.connect(args.address, recipe)
+    except SystemExit as raised:
+        # ray.init installs, for its whole start-up, a SIGTERM handler that exits 15.
+        if raised.code != signal.SIGTERM:
+            raise
+        import ray
+
+        signals.deliver(signal.SIGTERM)
+        ray.shutdown()
+        return 0
     signals.reclaim()
     try:
         if signals.stopping:
