@@ -147,7 +147,11 @@ def warn_before_launch(recipe: Recipe, on_ray: bool) -> None:
     if not recipe.resources.use_gpu:
         return
     if on_ray:
-        cluster = summarize(cluster_memory())
+        try:
+            cluster = summarize(cluster_memory())
+        except UserInputError as e:  # a node that does not answer: say so, never stop the run
+            print(f"ftlaunch: warning: no fit check: {e}", file=sys.stderr)
+            return
         per_node, memory = cluster.gpus_per_node, cluster.gpu_bytes
     else:
         per_node, memory = local_gpus()
