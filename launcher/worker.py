@@ -43,6 +43,7 @@ from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.kernels import KernelPlan, apply_kernels, plan_kernels
 from launcher.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
 from launcher.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
+from launcher.plan.command import predicted_peak_gb
 from launcher.modeling import (
     DTYPES,
     apply_adapter,
@@ -396,6 +397,13 @@ def write_run_info(run_dir: Path, info: dict[str, Any], data: PreparedData, rank
         rank.log(stats.summary(name))
 
 
+def record_measured_peak(run_dir: Path, peak_gb: float) -> None:
+    """run_info.json gains rank 0's measured peak beside the planner's prediction."""
+    path = run_dir / "run_info.json"
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps(info | {"measured_peak_memory_gb": peak_gb}, indent=1))
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -437,6 +445,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             "packed_rows": inputs.batches.units() if recipe.data.packing else None,
             "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
+            "predicted_peak_memory_gb": predicted_peak_gb(recipe, rank.world),
         }
         write_run_info(run_dir, info, inputs.data, rank)
         rank.log(
@@ -502,6 +511,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             break
     if not preempt.stopped:
         write_probe(engine, run_dir, rank, tokenizer, done)
+    if rank.rank == 0:
+        record_measured_peak(run_dir, peak_memory_gb(rank.device))
     if sink:
         sink.close()
 
