@@ -365,7 +365,7 @@ def mfu_of(job: Job, tokens_per_s: float, peak_flops: float | None) -> float | N
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher.train.flops import flops_per_token, mfu, model_shape
+    from launcher.model.flops import flops_per_token, mfu, model_shape
 
     arch = dict(job.architecture)
     with torch.device("meta"):
@@ -383,7 +383,7 @@ def peak_flops(job: Job, peak_tflops: float | None) -> float | None:
         return None
     import torch
 
-    from launcher.train.flops import table_peak_flops
+    from launcher.model.flops import table_peak_flops
 
     return table_peak_flops(torch.cuda.get_device_name())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,13 @@ from typing import Any
 from launcher.errors import ExportError, UserInputError
 
 SUBCOMMANDS = (
-    "train", "check", "export", "k8s", "preflight", "submit", "jobs", "plot", "runs", "chat",
+    "train", "check", "export", "plan", "k8s", "preflight", "submit", "jobs", "plot", "runs",
+    "chat",
 )
+SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
 
 
 def _recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
+    add_plan_arguments(
+        sub.add_parser("plan", help="per-GPU memory of each ZeRO choice, before launch")
+    )
     _report_parsers(sub)
     from launcher.jobs import k8s
     from launcher.driver import preflight
@@ -91,6 +100,54 @@ def _report_parsers(sub: Any) -> None:
     chat.add_argument("run_dir", type=Path)
     chat.add_argument("--prompt", help="answer this one prompt and exit (default: read stdin lines)")
     chat.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def memory_size(text: str) -> int:
+    """'80GiB', '24GB', '512MiB' -> bytes (GiB/MiB: powers of 2; GB/MB: powers of 10)."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*", text)
+    unit = match and SIZE_UNITS.get(match.group(2).upper())
+    if not unit or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a memory size; write a positive number and a unit, e.g. 80GiB, "
+            f"24GB ({', '.join(u.replace('I', 'i') for u in SIZE_UNITS)})"
+        )
+    return int(float(match.group(1)) * unit)
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of at least 1")
+    return int(text)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a fraction in (0, 1], e.g. 0.4")
+    return value
+
+
+def add_plan_arguments(plan: argparse.ArgumentParser) -> None:
+    _recipe_args(plan)
+    plan.add_argument(
+        "--gpus", type=positive_int,
+        help="GPUs per node (default: resources.num_workers on one node)",
+    )
+    plan.add_argument("--nodes", type=positive_int, help="nodes (default: as many as --gpus needs)")
+    plan.add_argument("--gpu-mem", type=memory_size, metavar="SIZE",
+                      help="memory of one GPU, e.g. 80GiB (default: the cluster's with "
+                      "--address, else 80GiB)")
+    plan.add_argument(
+        "--address", help="read each node's GPUs and host memory from this Ray cluster"
+    )
+    plan.add_argument("--mfu", type=fraction, default=0.4,
+                      help="assumed model FLOPs utilisation for the time estimate (default 0.4)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
 def load(args: argparse.Namespace):  # -> Recipe
@@ -121,6 +178,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("# DeepSpeed config")
     print(json.dumps(ds_config, indent=2))
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Exit 0 when a choice fits, 1 when none does, 2 on bad input."""
+    from launcher.plan.command import PlanRequest, run
+
+    request = PlanRequest(args.gpus, args.nodes, args.gpu_mem, args.address, args.json, args.mfu)
+    return run(load(args), request)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -167,6 +232,9 @@ def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
     from launcher.driver.trackers import tracking
     from launcher.run.rundir import write_run_files
 
+    from launcher.plan.command import warn_before_launch
+
+    warn_before_launch(prepared.recipe, on_ray=False)
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
     driver.claim()
     if signals.stopping:
@@ -187,16 +255,28 @@ def train_ray(
     from launcher.driver import orchestrate
     from launcher.driver import preflight
     from launcher.driver.trackers import tracking
+    from launcher.plan.command import warn_before_launch
     from launcher.run.rundir import write_run_files
 
     recipe = prepared.recipe
-    connected_here = orchestrate.connect(args.address, recipe)
+    try:
+        connected_here = orchestrate.connect(args.address, recipe)
+    except SystemExit as raised:
+        # ray.init installs, for its whole start-up, a SIGTERM handler that exits 15.
+        if raised.code != signal.SIGTERM:
+            raise
+        import ray
+
+        signals.deliver(signal.SIGTERM)
+        ray.shutdown()
+        return 0
     signals.reclaim()
     try:
         if signals.stopping:
             return 0
         orchestrate.check_capacity(recipe)
         preflight.check_multi_node(recipe)
+        warn_before_launch(recipe, on_ray=True)
         write_run_files(run_dir, recipe, prepared.ds_config)
         driver.claim()
         if signals.stopping:
@@ -274,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     commands = {
-        "train": cmd_train, "check": cmd_check, "export": cmd_export,
+        "train": cmd_train, "check": cmd_check, "export": cmd_export, "plan": cmd_plan,
         "plot": cmd_plot, "runs": cmd_runs, "chat": cmd_chat,
     }
     from launcher.driver.stop import Terminated, resume_command, sigterm_raises

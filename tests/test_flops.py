@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from launcher.train.flops import (
+from launcher.model.flops import (
     ModelShape,
     device_peak_flops,
     flops_per_token,

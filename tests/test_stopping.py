@@ -325,8 +325,6 @@ def test_grace_shorter_than_the_save_kills_it_uncommitted(startup_stop, tmp_path
     assert f"{ckpt.tag_for(4)}: not committed" in out
 
 
-@pytest.mark.xfail(strict=True, reason="open: ray.init replaces the SIGTERM handler for its "
-                   "whole start-up with one that exits 15 (ray/_private/worker.py, init)")
 def test_ray_sigterm_during_startup_then_ctrl_c_commits_and_resumes(tmp_path):
     """The embedded Ray: SIGTERM while Ray starts (Ray's own handler would exit 15), then
     Ctrl-C to the whole process group mid-run, as a terminal sends it, then the resume."""

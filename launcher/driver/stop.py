@@ -61,6 +61,10 @@ class Signals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def deliver(self, sig: signal.Signals) -> None:
+        """Act on a signal that another handler caught first (Ray's, during ``ray.init``)."""
+        self._handle(sig, None)
+
     def _handle(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
         if self.first is not None:

@@ -27,7 +27,8 @@ from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective, Task, task_for
 from launcher.train import early_stop
 from launcher.train.faults import fault_point
-from launcher.train.flops import device_peak_flops, flops_per_token, mfu, model_shape
+from launcher.model.flops import device_peak_flops, flops_per_token, mfu, model_shape
+from launcher.plan.predict import predicted_peak_gb
 from launcher.train.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
 from launcher.train.preempt import PreemptState
 from launcher.train.setup import Inputs, Trainee, batch_layout, build_engine, prepare_inputs
@@ -61,6 +62,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     done, preempt = train(s)
     if not preempt.stopped:
         write_probe(s.trainee.engine, run_dir, s.rank, s.tokenizer, done)
+    if s.rank.rank == 0:
+        record_measured_peak(run_dir, peak_memory_gb(s.rank.device))
     if s.sink:
         s.sink.close()
 
@@ -118,6 +121,7 @@ def log_start(s: Session, attention: str, teacher: torch.nn.Module | None) -> No
         "packed_rows": inputs.batches.units() if s.recipe.data.packing else None,
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
         "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
+        "predicted_peak_memory_gb": predicted_peak_gb(s.recipe, s.rank.world),
     }
     write_run_info(s.run_dir, info, inputs.data, s.rank)
     s.rank.log(
@@ -238,6 +242,13 @@ def write_run_info(run_dir: Path, info: dict[str, Any], data: PreparedData, rank
     )
     for name, stats in data.stats.items():
         rank.log(stats.summary(name))
+
+
+def record_measured_peak(run_dir: Path, peak_gb: float) -> None:
+    """run_info.json gains rank 0's measured peak beside the planner's prediction."""
+    path = RunDir(run_dir).run_info
+    info = json.loads(path.read_text())
+    path.write_text(json.dumps(info | {"measured_peak_memory_gb": peak_gb}, indent=1))
 
 
 def eval_history(
