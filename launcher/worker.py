@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from launcher.data import (
     total_steps,
 )
 from launcher.ds_config import offloads_optimizer, zero_stage
-from launcher.faults import fault_point
+from launcher.faults import fault_point, slow_step
 from launcher.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.kernels import KernelPlan, apply_kernels, plan_kernels
 from launcher.losses import LossConfig, causal_lm, model_loss_sum, token_loss_sum
@@ -361,21 +362,27 @@ def train_step(
     """One optimizer step over this rank's micro batches. Each micro batch's summed loss is
     divided by the real targets of the whole global batch (and scaled back up by the
     accumulation x world averaging DeepSpeed applies), so the objective does not depend on
-    how the global batch is split."""
+    how the global batch is split. ``own_s`` is this rank's own work in the step: building its
+    micro batches and their forward passes (host time), no collective waits (backward is left
+    out, as gradient reductions overlap it): what tells a straggler from the ranks it holds up."""
     began = time.perf_counter()
     timer = PhaseTimer(rank.device)
+    slow_step(step, rank)
     indices = plan.micro_batches(step, rank.rank)
     micro = [batches.make(ix, rank.device) for ix in indices]
     counts = torch.tensor(
         [sum(objective.targets(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
         dtype=torch.float64, device=rank.device,
     )
+    own = time.perf_counter() - began  # this rank's work so far, no waiting on the others
     targets, real_tokens = all_reduce(counts).tolist()
     timer.lap("data")
     scale = len(micro) * rank.world
     loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
     for batch in micro:
+        forward = time.perf_counter()
         loss = objective.loss_sum(engine, batch)
+        own += time.perf_counter() - forward
         engine.backward(loss * scale / targets)
         timer.lap("fwd_bwd")
         engine.step()
@@ -385,7 +392,7 @@ def train_step(
     seconds = time.perf_counter() - began
     return {
         "loss": loss_value, "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-        **timer.seconds(),
+        "own_s": own, **timer.seconds(),
     }
 
 
@@ -436,6 +443,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     start = engine_state.restore(engine, resume_point, rank)
     engine_state.record_attempt(run_dir, start, resume_point, rank)
     sink = JsonlSink(run_dir / "metrics.jsonl", start) if rank.rank == 0 else None
+    nodes = gather(socket.gethostname(), rank)
     if rank.rank == 0:
         trainable = [p for p in trainee.model.parameters() if p.requires_grad]
         info = {
@@ -446,6 +454,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
             "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
             "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
             "predicted_peak_memory_gb": predicted_peak_gb(recipe, rank.world),
+            "rank_nodes": nodes,
         }
         write_run_info(run_dir, info, inputs.data, rank)
         rank.log(
@@ -494,8 +503,11 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         )
         if eval_due:
             record |= evaluate_now()
-        if sink and (done % recipe.logging.every_steps == 0 or eval_due or done == steps):
-            sink.write(record)
+        own = record.pop("own_s")
+        if done % recipe.logging.every_steps == 0 or eval_due or done == steps:  # on every rank
+            record["rank_step_s"] = gather(own, rank)
+            if sink:
+                sink.write(record)
         verdict = None
         if eval_due and stopping is not None:
             history, verdict = early_stop.observe(history, stopping, done, record)
