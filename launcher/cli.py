@@ -189,7 +189,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from launcher.driver import stop
+    from launcher.driver import console, stop
     from launcher.driver.trackers import require
     from launcher.driver.prepare import prepare, recipe_locations
     from launcher.report import liveness
@@ -210,10 +210,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with liveness.Driver(run_dir) as driver:
+    with liveness.Driver(run_dir) as driver, console.routed():
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if args.backend == "torchrun":
-                code = train_torchrun(prepared, run_dir, signals, driver)
+                progress = not args.no_progress and recipe.logging.progress
+                code = train_torchrun(prepared, run_dir, signals, driver, progress)
             else:
                 code = train_ray(args, prepared, run_dir, resuming, signals, driver)
         if signals.stopping:
@@ -227,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return code
 
 
-def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
+def train_torchrun(prepared, run_dir: Path, signals, driver, progress: bool = False) -> int:
     from launcher.driver import orchestrate
     from launcher.driver.trackers import tracking
     from launcher.run.rundir import write_run_files
@@ -240,11 +241,12 @@ def train_torchrun(prepared, run_dir: Path, signals, driver) -> int:
     if signals.stopping:
         return 0
     with tracking(prepared.recipe, run_dir) as trackers:
-        code = orchestrate.run_torchrun(prepared.recipe, run_dir, signals, [trackers])
+        code = orchestrate.run_torchrun(prepared.recipe, run_dir, signals, [trackers], progress)
         if trackers:
             trackers.status = "killed" if signals.stopping else "failed" if code else "finished"
     if code != 0 and not signals.stopping:
-        print("ftlaunch: training failed (see the worker output above)", file=sys.stderr)
+        print(f"ftlaunch: training failed (the workers' output is in {run_dir / 'driver.log'})",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from launcher.driver import console
 from launcher.errors import UserInputError
 from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
@@ -16,7 +17,7 @@ from launcher.run.rundir import RunDir
 if TYPE_CHECKING:
     from launcher.driver.progress import Consumer
 
-QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+QUIET_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"} | console.WORKER_ENV
 
 
 class TrainingFailed(Exception):
@@ -29,6 +30,7 @@ def connect(address: str | None, recipe: Recipe) -> bool:
     external cluster ends this job, so Ray reclaims its actors (the workers) and nothing else."""
     import ray
 
+    console.reroute()  # Ray's start-up messages go to driver.log
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS")
@@ -114,10 +116,12 @@ def make_trainer(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> An
 
 
 def run_torchrun(
-    recipe: Recipe, run_dir: Path, signals: Signals, consumers: Sequence[Consumer] = ()
+    recipe: Recipe, run_dir: Path, signals: Signals, consumers: Sequence[Consumer] = (),
+    progress: bool = False,
 ) -> int:
     """Single node without Ray: torchrun starts one worker process per GPU (or CPU worker).
-    ``consumers`` (the trackers) get each new metrics record.
+    The progress view (when ``progress``) and ``consumers`` (the trackers) get each new
+    metrics record. The workers write into driver.log; their ``[ftlaunch]`` lines are relayed.
 
     torchrun gets its own session, so a Ctrl-C in the terminal reaches only this driver,
     which then stops the workers through the run directory (launcher.driver.stop)."""
@@ -131,10 +135,16 @@ def run_torchrun(
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc_per_node={recipe.resources.num_workers}", "-m", "launcher.train.worker", str(run_dir),
     ]
-    proc = subprocess.Popen(command, env=env, start_new_session=True)
+    log = console.attach(run_dir)
+    relay = console.Relay(log)
+    with log.open("a") as out:
+        proc = subprocess.Popen(
+            command, env=env, start_new_session=True, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
-        with follow(run_dir, False, consumers):
+        with follow(run_dir, progress, consumers):
             while proc.poll() is None and not (signals.stopping and signals.expired()):
+                relay.poll()
                 try:
                     proc.wait(timeout=0.2)
                 except subprocess.TimeoutExpired:
@@ -142,7 +152,12 @@ def run_torchrun(
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
-    return proc.wait()
+    relay.poll()
+    code = proc.wait()
+    if code != 0:
+        for line in relay.errors:
+            console.say(f"ftlaunch: worker error: {line}")
+    return code
 
 
 def kill_tree(pid: int, timeout_s: float = 30.0) -> None:
@@ -179,6 +194,8 @@ def fit(
 
     from launcher.driver.progress import follow
 
+    console.attach(run_dir)
+    console.route_ray_workers()
     before = _attempts(run_dir)
     outcome: dict[str, BaseException] = {}
 
@@ -198,7 +215,8 @@ def fit(
         attempts = _attempts(run_dir) - before
         raise TrainingFailed(
             f"{attempts} attempt(s) failed (checkpoint.max_failures={max_failures}); "
-            f"last error: {_root_cause(error)}"
+            f"last error: {_root_cause(error)} (the workers' output is in "
+            f"{run_dir / console.LOG_NAME})"
         ) from error
     if error is not None and not signals.stopping:
         raise error

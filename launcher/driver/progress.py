@@ -24,8 +24,9 @@ def format_progress(record: dict[str, Any], total: int | None, started: float) -
         parts.append(f"loss {record['loss']:.4f}")
     if "eval_loss" in record:
         parts.append(f"eval_loss {record['eval_loss']:.4f}")
-    if "eval_exact_match" in record:
-        parts.append(f"exact_match {record['eval_exact_match']:.3f}")
+    for key, value in record.items():  # every other eval metric: accuracy, F1, exact match...
+        if key.startswith("eval_") and key != "eval_loss" and isinstance(value, (int, float)):
+            parts.append(f"{key[5:]} {value:.4g}" if abs(value) >= 10 else f"{key[5:]} {value:.3f}")
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
     if "mfu" in record:
@@ -93,6 +94,8 @@ class MetricsFollower:
         self._stop.set()
         self._thread.join()
         self._poll()
+        for consumer in self.consumers:  # the live view gives the terminal back
+            getattr(consumer, "finish_view", lambda: None)()
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -128,7 +131,11 @@ class MetricsFollower:
 def follow(run_dir: Path, progress: bool, consumers: Sequence[Consumer] = ()) -> Any:
     """A follower feeding the progress line (when ``progress``) and ``consumers``, or a
     context that does nothing when there is no one to feed."""
-    fed = [ProgressLine(run_dir)] * progress + [c for c in consumers if c is not None]
+    fed = [c for c in consumers if c is not None]
+    if progress:
+        from launcher.driver.live import progress_view
+
+        fed.insert(0, progress_view(run_dir))
     return MetricsFollower(run_dir, fed) if fed else nullcontext()
 
 

@@ -8,6 +8,9 @@ checkpoint of step STEP, after its shards are written and before the commit mark
 part in collectives at step STEP). STEP is a step number, or ``N+``: the first step from N on
 that reaches the point. Each fires once per run directory unless ``always`` is given; when it
 fires it writes ``.fault_KIND_STEP`` (STEP as given) into the run directory, holding the step.
+``slow_step:STEP`` (STEP usually ``N+``) makes rank ``FTLAUNCH_TEST_SLOW_RANK`` (the last rank
+unless set) sleep ``FTLAUNCH_TEST_SLOW_STEP_S`` seconds (0.3 unless set) at the start of every
+matching step, inside its own share of the step: a straggler. It writes no marker.
 Unset, this module does nothing.
 """
 
@@ -22,6 +25,8 @@ from launcher.run.rundir import RunDir
 
 FAULT_ENV = "FTLAUNCH_TEST_FAULT"
 SLOW_SAVE_ENV = "FTLAUNCH_TEST_SLOW_SAVE_S"
+SLOW_RANK_ENV = "FTLAUNCH_TEST_SLOW_RANK"
+SLOW_STEP_ENV = "FTLAUNCH_TEST_SLOW_STEP_S"
 
 
 def _matches(spec_step: str, step: int) -> bool:
@@ -48,3 +53,11 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     if kind == "hang":
         time.sleep(10**6)
     os._exit(17)
+
+
+def slow_step(step: int, rank: Rank) -> None:
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or spec[0] != "slow_step" or not _matches(spec[1], step):
+        return
+    if rank.rank == int(os.environ.get(SLOW_RANK_ENV, str(rank.world - 1))):
+        time.sleep(float(os.environ.get(SLOW_STEP_ENV, "0.3")))

@@ -4,6 +4,7 @@ checkpoints and stop checks, then the probe export verifies against."""
 from __future__ import annotations
 
 import json
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from launcher.run.rundir import RunDir
 from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective, Task, task_for
 from launcher.train import early_stop
-from launcher.train.faults import fault_point
+from launcher.train.faults import fault_point, slow_step
 from launcher.model.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.plan.predict import predicted_peak_gb
 from launcher.train.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
@@ -106,12 +107,15 @@ def open_session(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> Se
     sink = JsonlSink(RunDir(run_dir).metrics, start) if rank.rank == 0 else None
     s = Session(recipe, task, rank, run_dir, inputs, trainee, objective, eval_ctx, sink, start,
                 per_token, peak, tokenizer)
+    nodes = gather(socket.gethostname(), rank)  # every rank takes part
     if rank.rank == 0:
-        log_start(s, attention, teacher)
+        log_start(s, attention, teacher, nodes)
     return s
 
 
-def log_start(s: Session, attention: str, teacher: torch.nn.Module | None) -> None:
+def log_start(
+    s: Session, attention: str, teacher: torch.nn.Module | None, nodes: list[str]
+) -> None:
     kernels, inputs, steps = s.trainee.kernels, s.inputs, s.inputs.steps
     trainable = [p for p in s.trainee.model.parameters() if p.requires_grad]
     info = {
@@ -122,6 +126,7 @@ def log_start(s: Session, attention: str, teacher: torch.nn.Module | None) -> No
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
         "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
         "predicted_peak_memory_gb": predicted_peak_gb(s.recipe, s.rank.world),
+        "rank_nodes": nodes,
     }
     write_run_info(s.run_dir, info, inputs.data, s.rank)
     s.rank.log(
@@ -153,8 +158,7 @@ def train(s: Session) -> tuple[int, PreemptState]:
         due = eval_due(s, done)
         if due:
             record |= evaluate_now(s)
-        if s.sink and (done % recipe.logging.every_steps == 0 or due or done == steps):
-            s.sink.write(record)
+        log_step(s, record, due or done % recipe.logging.every_steps == 0 or done == steps)
         verdict = None
         if due and stopping is not None:
             history, verdict = early_stop.observe(history, stopping, done, record)
@@ -166,6 +170,16 @@ def train(s: Session) -> tuple[int, PreemptState]:
             rank.log(early_stop.stop_message(done, stopping, verdict))
             break
     return done, preempt
+
+
+def log_step(s: Session, record: dict[str, Any], logged: bool) -> None:
+    """On a logged step every rank's own step time joins the record (a collective, so every
+    rank takes part); rank 0 writes it."""
+    own = record.pop("own_s")
+    if logged:
+        record["rank_step_s"] = gather(own, s.rank)
+        if s.sink:
+            s.sink.write(record)
 
 
 def save(s: Session, step: int) -> None:
@@ -208,21 +222,27 @@ def train_step(
     """One optimizer step over this rank's micro batches. Each micro batch's summed loss is
     divided by the real targets of the whole global batch (and scaled back up by the
     accumulation x world averaging DeepSpeed applies), so the objective does not depend on
-    how the global batch is split."""
+    how the global batch is split. ``own_s`` is this rank's own work in the step: building its
+    micro batches and their forward passes (host time), no collective waits (backward is left
+    out, as gradient reductions overlap it): what tells a straggler from the ranks it holds up."""
     began = time.perf_counter()
     timer = PhaseTimer(rank.device)
+    slow_step(step, rank)
     indices = plan.micro_batches(step, rank.rank)
     micro = [batches.make(ix, rank.device) for ix in indices]
     counts = torch.tensor(
         [sum(objective.targets(b) for b in micro), sum(batches.tokens(ix) for ix in indices)],
         dtype=torch.float64, device=rank.device,
     )
+    own = time.perf_counter() - began  # this rank's work so far, no waiting on the others
     targets, real_tokens = all_reduce(counts).tolist()
     timer.lap("data")
     scale = len(micro) * rank.world
     loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
     for batch in micro:
+        forward = time.perf_counter()
         loss = objective.loss_sum(engine, batch)
+        own += time.perf_counter() - forward
         engine.backward(loss * scale / targets)
         timer.lap("fwd_bwd")
         engine.step()
@@ -232,7 +252,7 @@ def train_step(
     seconds = time.perf_counter() - began
     return {
         "loss": loss_value, "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-        **timer.seconds(),
+        "own_s": own, **timer.seconds(),
     }
 
 
