@@ -188,6 +188,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher import stop
+    from launcher.driver.hang import HangWatcher
     from launcher.driver.trackers import require
     from launcher.prepare import prepare, recipe_locations
     from launcher.report import liveness
@@ -208,7 +209,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with liveness.Driver(run_dir) as driver:
+    res = recipe.resources
+    with liveness.Driver(run_dir) as driver, HangWatcher(run_dir, res.num_workers, res.hang_dump_s):
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if args.backend == "torchrun":
                 code = train_torchrun(prepared, run_dir, signals, driver)

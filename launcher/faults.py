@@ -5,7 +5,8 @@
 checkpoint of step STEP, after its shards are written and before the commit marker),
 ``slow_save`` (rank 0 sleeps at that same point for ``FTLAUNCH_TEST_SLOW_SAVE_S`` seconds,
 600 unless set, then the save goes on and commits) or ``hang`` (the last rank stops taking
-part in collectives at step STEP). STEP is a step number, or ``N+``: the first step from N on
+part in collectives at step STEP) or ``sleep_step`` (the last rank sleeps inside step STEP for
+``FTLAUNCH_TEST_SLEEP_S`` seconds, 60 unless set, then the step goes on). STEP is a step number, or ``N+``: the first step from N on
 that reaches the point. Each fires once per run directory unless ``always`` is given; when it
 fires it writes ``.fault_KIND_STEP`` (STEP as given) into the run directory, holding the step.
 Unset, this module does nothing.
@@ -21,6 +22,7 @@ from launcher.ranks import Rank
 
 FAULT_ENV = "FTLAUNCH_TEST_FAULT"
 SLOW_SAVE_ENV = "FTLAUNCH_TEST_SLOW_SAVE_S"
+SLEEP_ENV = "FTLAUNCH_TEST_SLEEP_S"
 
 
 def _matches(spec_step: str, step: int) -> bool:
@@ -33,7 +35,7 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if len(spec) < 2 or spec[0] != kind or not _matches(spec[1], step):
         return
-    victim = rank.world - 1 if kind == "hang" else 0
+    victim = rank.world - 1 if kind in ("hang", "sleep_step") else 0
     if rank.rank != victim:
         return
     marker = run_dir / f".fault_{kind}_{spec[1]}"
@@ -44,6 +46,14 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     if kind == "slow_save":
         time.sleep(float(os.environ.get(SLOW_SAVE_ENV, "600")))
         return
+    if kind == "sleep_step":
+        sleep_in_step(float(os.environ.get(SLEEP_ENV, "60")))
+        return
     if kind == "hang":
         time.sleep(10**6)
     os._exit(17)
+
+
+def sleep_in_step(seconds: float) -> None:
+    """The frame a hang dump of the ``sleep_step`` fault names."""
+    time.sleep(seconds)

@@ -57,6 +57,7 @@ from launcher.modeling import (
 from launcher.ranks import Rank, all_reduce, current_rank, gather
 from launcher.recipe import EarlyStoppingSection, Recipe, TrainSection
 from launcher.schedule import lr_lambda
+from launcher.train.hang import StepWatch
 from launcher.trainable import apply_trainable, optimizer_groups
 
 # ---------------------------------------------------------------- entry points
@@ -471,11 +472,14 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
     stopped = stopping is not None and early_stop.judge(history, stopping).stop
     done = start
     preempt = PreemptState(start)
+    watch = StepWatch(run_dir, rank.rank, recipe.resources.hang_dump_s)
     for step in range(start, start if stopped else steps):
+        watch.arm()
         if preempt.stop_here(engine, run_dir, step, rank, recipe):
             break
         fault_point("crash", step, run_dir, rank)
         fault_point("hang", step, run_dir, rank)
+        fault_point("sleep_step", step, run_dir, rank)
         done = step + 1
         lr = trainee.schedule.get_last_lr()[0]  # the rate this step's update uses
         record = {"step": done} | train_step(engine, objective, inputs.batches, plan, step, rank)
@@ -509,6 +513,7 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
                 f"{verdict.stale} evaluations (best {verdict.best_value:.4g} at step {verdict.best_step})"
             )
             break
+    watch.close()
     if not preempt.stopped:
         write_probe(engine, run_dir, rank, tokenizer, done)
     if rank.rank == 0:

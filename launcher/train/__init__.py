@@ -1,0 +1,1 @@
+"""The training layer: what runs inside every rank."""
