@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true",
         help="skip the checks that need the model, tokenizer and data (hub-hosted recipes)",
     )
+    check.add_argument(
+        "--show", type=positive_int, metavar="N",
+        help="also print N encoded training examples, trained tokens marked, and the lengths",
+    )
     export = sub.add_parser("export", help="write a Hugging Face model directory from a run")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
@@ -160,6 +164,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from launcher.driver.trackers import require
     from launcher.prepare import prepare, prepare_offline, recipe_locations
 
+    if args.show and args.offline:
+        raise UserInputError("--show", "needs the tokenizer and the data; drop --offline")
     with recipe_locations(args.recipe, args.set, args.output_dir):
         recipe = load(args)
         require(recipe, args.recipe)
@@ -175,6 +181,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     print("# DeepSpeed config")
     print(json.dumps(ds_config, indent=2))
+    if args.show:
+        from launcher.modeling import load_tokenizer
+        from launcher.show import show
+
+        sys.stdout.flush()
+        show(recipe, prepared.data, load_tokenizer(recipe.model), args.show)
     return 0
 
 
