@@ -67,10 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true",
         help="skip the checks that need the model, tokenizer and data (hub-hosted recipes)",
     )
-    check.add_argument(
-        "--show", type=positive_int, metavar="N",
-        help="also print N encoded training examples, trained tokens marked, and the lengths",
-    )
+    check.add_argument("--show", type=positive_int, metavar="N",
+                       help="also print N encoded training examples (trained tokens marked)")
     export = sub.add_parser("export", help="write a Hugging Face model directory from a run")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
@@ -182,11 +180,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print("# DeepSpeed config")
     print(json.dumps(ds_config, indent=2))
     if args.show:
-        from launcher.modeling import load_tokenizer
         from launcher.show import show
 
-        sys.stdout.flush()
-        show(recipe, prepared.data, load_tokenizer(recipe.model), args.show)
+        show(recipe, prepared.data, args.show)
     return 0
 
 
@@ -221,8 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    res = recipe.resources
-    with liveness.Driver(run_dir) as driver, HangWatcher(run_dir, res.num_workers, res.hang_dump_s):
+    with liveness.Driver(run_dir) as driver, HangWatcher(run_dir, recipe.resources):
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if args.backend == "torchrun":
                 code = train_torchrun(prepared, run_dir, signals, driver)

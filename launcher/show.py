@@ -93,10 +93,11 @@ def length_summary(name: str, split: TokenizedSplit, stats: Any) -> str:
     return f"{name} lengths (tokens): p50 {p50}, p90 {p90}, p99 {p99}, max {top}{counts}"
 
 
-def show(
-    recipe: Recipe, data: PreparedData, tokenizer: Any, n: int, stream: TextIO | None = None
-) -> None:
+def show(recipe: Recipe, data: PreparedData, n: int, stream: TextIO | None = None) -> None:
     """Print ``n`` training examples (fewer when the split is smaller) and the length summary."""
+    from launcher.modeling import load_tokenizer
+
+    tokenizer = load_tokenizer(recipe.model)
     stream = stream or sys.stdout
     styled = stream.isatty()
     console = None

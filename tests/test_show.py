@@ -106,6 +106,6 @@ def test_terminal_gets_styles_not_brackets(tmp_path):
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
     prepared = prepare(load_recipe(path))
     stream = Terminal()
-    show(prepared.recipe, prepared.data, load_tokenizer(prepared.recipe.model), 1, stream)
+    show(prepared.recipe, prepared.data, 1, stream)
     out = stream.getvalue()
     assert "\x1b[" in out and "⟦" not in out and "five" in out

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from launcher.recipe import ResourcesSection
 from launcher.train.hang import HANG_DIR
 
 GATHER_S = 10.0
@@ -26,11 +27,12 @@ class HangWatcher:
     """Context manager: a daemon thread polling the ranks' dump files every ``interval`` s."""
 
     def __init__(
-        self, run_dir: Path, world: int, seconds: float | None, stream: TextIO | None = None,
+        self, run_dir: Path, resources: ResourcesSection, stream: TextIO | None = None,
         interval: float = 1.0,
     ):
         self.dir = run_dir / HANG_DIR
-        self.world, self.seconds, self.stream, self.interval = world, seconds or 0.0, stream, interval
+        self.world, self.seconds = resources.num_workers, resources.hang_dump_s or 0.0
+        self.stream, self.interval = stream, interval
         self._seen: dict[int, tuple[int, int]] = {}  # rank -> (mtime_ns, size) already handled
         self._first: float | None = None
         self._stop = threading.Event()
