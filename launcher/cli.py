@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline", action="store_true",
         help="skip the checks that need the model, tokenizer and data (hub-hosted recipes)",
     )
+    check.add_argument("--show", type=positive_int, metavar="N",
+                       help="also print N encoded training examples (trained tokens marked)")
     export = sub.add_parser("export", help="write a Hugging Face model directory from a run")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
@@ -161,7 +163,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from launcher.driver.trackers import require
     from launcher.driver.prepare import prepare, prepare_offline, recipe_locations
+    from launcher.driver.show import show
 
+    if args.show and args.offline:
+        raise UserInputError("--show", "needs the tokenizer and the data; drop --offline")
     with recipe_locations(args.recipe, args.set, args.output_dir):
         recipe = load(args)
         require(recipe, args.recipe)
@@ -177,6 +182,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     print("# DeepSpeed config")
     print(json.dumps(ds_config, indent=2))
+    if args.show:
+        show(recipe, prepared.data, args.show)
     return 0
 
 
@@ -190,6 +197,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.driver import console, stop
+    from launcher.driver.hang import HangWatcher
     from launcher.driver.trackers import require
     from launcher.driver.prepare import prepare, recipe_locations
     from launcher.report import liveness
@@ -210,7 +218,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     resuming = check_resumable(run_dir, recipe, args.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with liveness.Driver(run_dir) as driver, console.routed():
+    with liveness.Driver(run_dir) as driver, console.routed(), \
+            HangWatcher(run_dir, recipe.resources):
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if args.backend == "torchrun":
                 progress = not args.no_progress and recipe.logging.progress
@@ -223,7 +232,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             driver.fail("training failed")
             return code
         from launcher.run.export import export_run
-
         print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
     return code
 
@@ -232,7 +240,6 @@ def train_torchrun(prepared, run_dir: Path, signals, driver, progress: bool = Fa
     from launcher.driver import orchestrate
     from launcher.driver.trackers import tracking
     from launcher.run.rundir import write_run_files
-
     from launcher.plan.command import warn_before_launch
 
     warn_before_launch(prepared.recipe, on_ray=False)
@@ -254,8 +261,7 @@ def train_torchrun(prepared, run_dir: Path, signals, driver, progress: bool = Fa
 def train_ray(
     args: argparse.Namespace, prepared, run_dir: Path, resuming: bool, signals, driver
 ) -> int:
-    from launcher.driver import orchestrate
-    from launcher.driver import preflight
+    from launcher.driver import orchestrate, preflight
     from launcher.driver.trackers import tracking
     from launcher.plan.command import warn_before_launch
     from launcher.run.rundir import write_run_files
@@ -310,11 +316,8 @@ def report_stop(signals, run_dir: Path, argv: list[str]) -> int:
 
     done = committed(run_dir) if run_dir.is_dir() else []
     kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
-    print(
-        f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  "
-        f"{resume_command(argv)}",
-        file=sys.stderr,
-    )
+    print(f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  {resume_command(argv)}",
+          file=sys.stderr)
     return signals.exit_code()
 
 

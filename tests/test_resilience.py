@@ -375,6 +375,10 @@ def test_hung_collective_becomes_a_failure(ray_cluster, cli, tmp_path):
     assert "1 attempt(s) failed" in err
     assert time.time() - began < 240
     assert [c.step for c in ckpt.committed(run_dir)] == [2]
+    # resources.hang_dump_s defaults to half the collective timeout: the stacks came first
+    assert "no step for 7.5 s: stacks of every rank in" in err
+    (event,) = [p for p in (run_dir / "hang").iterdir() if not p.name.startswith(".")]
+    assert "in fault_point" in (event / "rank1.txt").read_text()
 
 
 def test_resume_from_another_runs_checkpoint(reference, cli, tmp_path):

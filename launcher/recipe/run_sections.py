@@ -118,6 +118,33 @@ class ResourcesSection(Section):
         description="Seconds a collective (all-reduce, barrier) may wait before the process "
         "group fails the run instead of hanging (torch.distributed timeout).",
     )
+    hang_dump_s: float | None = Field(
+        None,
+        ge=0,
+        description="When no step completes for this many seconds, every rank writes its Python "
+        "stacks (all threads) to RUN_DIR/hang/<UTC time>/rank<r>.txt and the run goes on; "
+        "0 or null: off. Must be below collective_timeout_s; default: 300, or half of "
+        "collective_timeout_s when that is 600 or less.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_hang_dump(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hang_dump_s" not in data:
+            timeout = data.get("collective_timeout_s", 1800)
+            if isinstance(timeout, int | float) and not isinstance(timeout, bool):
+                data = {**data, "hang_dump_s": min(300.0, timeout / 2)}
+        return data
+
+    @model_validator(mode="after")
+    def _hang_dump_below_timeout(self) -> ResourcesSection:
+        if self.hang_dump_s and self.hang_dump_s >= self.collective_timeout_s:
+            raise ValueError(
+                f"resources.hang_dump_s: {self.hang_dump_s:g} s must be below "
+                f"resources.collective_timeout_s ({self.collective_timeout_s} s), or the "
+                "collective fails the run before any stack is dumped; 0 turns the dump off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _env_names(self) -> ResourcesSection:

@@ -5,8 +5,9 @@
 checkpoint of step STEP, after its shards are written and before the commit marker),
 ``slow_save`` (rank 0 sleeps at that same point for ``FTLAUNCH_TEST_SLOW_SAVE_S`` seconds,
 600 unless set, then the save goes on and commits) or ``hang`` (the last rank stops taking
-part in collectives at step STEP). STEP is a step number, or ``N+``: the first step from N on
-that reaches the point. Each fires once per run directory unless ``always`` is given; when it
+part in collectives at step STEP) or ``sleep_step`` (the last rank sleeps inside step STEP for
+``FTLAUNCH_TEST_SLEEP_S`` seconds, 60 unless set, then the step goes on). STEP is a step
+number, or ``N+``: the first step from N on that reaches the point. Each fires once per run directory unless ``always`` is given; when it
 fires it writes ``.fault_KIND_STEP`` (STEP as given) into the run directory, holding the step.
 ``slow_step:STEP`` (STEP usually ``N+``) makes rank ``FTLAUNCH_TEST_SLOW_RANK`` (the last rank
 unless set) sleep ``FTLAUNCH_TEST_SLOW_STEP_S`` seconds (0.3 unless set) at the start of every
@@ -27,6 +28,7 @@ FAULT_ENV = "FTLAUNCH_TEST_FAULT"
 SLOW_SAVE_ENV = "FTLAUNCH_TEST_SLOW_SAVE_S"
 SLOW_RANK_ENV = "FTLAUNCH_TEST_SLOW_RANK"
 SLOW_STEP_ENV = "FTLAUNCH_TEST_SLOW_STEP_S"
+SLEEP_ENV = "FTLAUNCH_TEST_SLEEP_S"
 
 
 def _matches(spec_step: str, step: int) -> bool:
@@ -39,7 +41,7 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     spec = os.environ.get(FAULT_ENV, "").split(":")
     if len(spec) < 2 or spec[0] != kind or not _matches(spec[1], step):
         return
-    victim = rank.world - 1 if kind == "hang" else 0
+    victim = rank.world - 1 if kind in ("hang", "sleep_step") else 0
     if rank.rank != victim:
         return
     marker = RunDir(run_dir).fault_marker(kind, spec[1])
@@ -49,6 +51,9 @@ def fault_point(kind: str, step: int, run_dir: Path, rank: Rank) -> None:
     print(f"[ftlaunch] injected fault '{kind}' at step {step} on rank {rank.rank}", flush=True)
     if kind == "slow_save":
         time.sleep(float(os.environ.get(SLOW_SAVE_ENV, "600")))
+        return
+    if kind == "sleep_step":
+        sleep_in_step(float(os.environ.get(SLEEP_ENV, "60")))
         return
     if kind == "hang":
         time.sleep(10**6)
@@ -61,3 +66,8 @@ def slow_step(step: int, rank: Rank) -> None:
         return
     if rank.rank == int(os.environ.get(SLOW_RANK_ENV, str(rank.world - 1))):
         time.sleep(float(os.environ.get(SLOW_STEP_ENV, "0.3")))
+
+
+def sleep_in_step(seconds: float) -> None:
+    """The frame a hang dump of the ``sleep_step`` fault names."""
+    time.sleep(seconds)

@@ -28,6 +28,7 @@ from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective, Task, task_for
 from launcher.train import early_stop
 from launcher.train.faults import fault_point, slow_step
+from launcher.train.hang import StepWatch
 from launcher.model.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.plan.predict import predicted_peak_gb
 from launcher.train.metrics import JsonlSink, PhaseTimer, peak_memory_gb, read_metrics
@@ -148,11 +149,13 @@ def train(s: Session) -> tuple[int, PreemptState]:
     stopped = stopping is not None and early_stop.judge(history, stopping).stop
     done = s.start
     preempt = PreemptState(s.start, lambda step: save(s, step))
+    watch = StepWatch(run_dir, rank.rank, recipe.resources.hang_dump_s)
     for step in range(s.start, s.start if stopped else steps):
+        watch.arm()
         if preempt.stop_here(run_dir, step, rank):
             break
-        fault_point("crash", step, run_dir, rank)
-        fault_point("hang", step, run_dir, rank)
+        for kind in ("crash", "hang", "sleep_step"):
+            fault_point(kind, step, run_dir, rank)
         done = step + 1
         record = step_record(s, step)
         due = eval_due(s, done)
@@ -169,6 +172,7 @@ def train(s: Session) -> tuple[int, PreemptState]:
         if verdict and verdict.stop:
             rank.log(early_stop.stop_message(done, stopping, verdict))
             break
+    watch.close()
     return done, preempt
 
 
