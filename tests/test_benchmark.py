@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +16,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.timeout(1200)  # four trainings; a loaded 2-core box with -n 2 doubles their time
 def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
     command = [
         sys.executable,
@@ -21,12 +25,12 @@ def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
         "cpu",
         "--quick",
         "--steps",
-        "3",
+        "10",  # enough for the held-out loss to fall clearly below the untrained loss
         "--workdir",
         str(tmp_path),
     ]
     done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=1100, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
@@ -38,10 +42,38 @@ def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
         ("hf_trainer", "long_tailed"),
     ]
     for row in rows:
-        tokens_per_s, memory, eval_loss = (
+        tokens_per_s, mean_tokens_per_s, memory, eval_loss = (
             float(row[2].replace(",", "")),
+            float(row[3].replace(",", "")),
             float(row[5]),
             float(row[6]),
         )
-        assert tokens_per_s > 0 and memory > 0 and 0 < eval_loss < 10
+        assert tokens_per_s > 0 and mean_tokens_per_s > 0 and memory > 0
+        first_loss, rates = measured(tmp_path, row[0], row[1])
+        # it trained: the held-out loss after the run is below the first step's training loss,
+        # which the untrained model gave (about ln(vocab) for a random model)
+        assert eval_loss < min(first_loss) - 0.05, (row, first_loss)
+        # the reported median tokens/s is that of one of the runs, from its own step records
+        assert any(abs(tokens_per_s - r) <= 0.5 for r in rates), (row, rates)
     assert re.fullmatch(r"ratio long_tailed=\d+\.\d\d fixed=\d+\.\d\d", lines[-1])
+
+
+def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[float]]:
+    """Each repeat's first-step training loss and median tokens/s over the steps after
+    warm-up, read from what the run itself wrote."""
+    first, rates = [], []
+    for round_dir in sorted(work.glob("*/round*")):  # WORKDIR/JOB/roundN
+        if system == "ftlaunch":
+            records = [json.loads(line) for line in
+                       (round_dir / f"ftlaunch_{dataset}" / "metrics.jsonl").read_text().splitlines()]
+            steps = [r for r in records if "tokens" in r]
+            first.append(steps[0]["loss"])
+            rates.append(statistics.median(r["tokens_per_s"] for r in steps[1:]))
+        else:
+            rank0 = json.loads((round_dir / f"hf_{dataset}" / "rank0.json").read_text())
+            first.append(rank0["losses"][0])
+            ends, counts = rank0["step_ends"], rank0["tokens_per_step"]
+            rates.append(statistics.median(
+                counts[i] / (ends[i + 1] - ends[i]) for i in range(1, len(counts))))
+    assert first, f"no runs of {system} {dataset} under {work}"
+    return first, rates

@@ -90,4 +90,7 @@ def test_torchrun_backend_without_ray(cli, tmp_path):
     assert json.loads((run_dir / "run_info.json").read_text())["world_size"] == 2
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 7))
+    # it trained: the last steps' loss is below the first step's (the untrained model's)
+    last = sum(r["loss"] for r in records[-2:]) / 2
+    assert last < 0.95 * records[0]["loss"], [r["loss"] for r in records]
     probe_matches(run_dir, AutoModelForCausalLM.from_pretrained(run_dir / "final").eval())

@@ -20,14 +20,16 @@ METHODS = {
     "bitfit": {"model": {"architecture": {"attention_bias": True}}},  # Llama has no biases
     "freeze": {"train": {"freeze": {"embeddings": True, "first_layers": 1}}},
 }
-CASES = [(method, stage) for method in METHODS for stage in (1, 2, 3)]
+CASES = [(method, stage, 1) for method in METHODS for stage in (1, 2, 3)]
+# two workers: the sharded save and gather of each stage, one method per stage and more
+CASES += [("lora", 3, 2), ("full", 2, 2), ("prompt_tuning", 1, 2), ("ia3", 2, 2)]
 
 
-def matrix_recipe(run_dir: Path, method: str, stage: int) -> dict:
+def matrix_recipe(run_dir: Path, method: str, stage: int, workers: int = 1) -> dict:
     recipe = tiny_recipe(
         run_dir, method="full" if method == "freeze" else method,
         deepspeed={"config": f"zero{stage}"}, eval={"max_batches": 1, "at_start": True},
-        **METHODS[method],
+        resources={"num_workers": workers}, **METHODS[method],
     )
     recipe["train"].update({"max_steps": 2, "micro_batch_size": 2})
     return recipe
@@ -44,9 +46,10 @@ def load_export(final: Path):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("method", "stage"), CASES, ids=[f"{m}-zero{s}" for m, s in CASES])
-def test_method_exports_on_zero_stage(cli, tmp_path, method, stage):
-    recipe = matrix_recipe(tmp_path / "run", method, stage)
+@pytest.mark.parametrize(("method", "stage", "workers"), CASES,
+                         ids=[f"{m}-zero{s}" + (f"-{w}w" if w > 1 else "") for m, s, w in CASES])
+def test_method_exports_on_zero_stage(cli, tmp_path, method, stage, workers):
+    recipe = matrix_recipe(tmp_path / "run", method, stage, workers)
     code, _, err = cli(write_recipe(tmp_path / "r.yaml", recipe), "--backend", "torchrun",
                        "--no-progress")
     assert code == 0, err

@@ -72,8 +72,11 @@ def trainable(model):
 def test_freeze_embeddings_and_first_layers(bert):
     apply_trainable(bert, "full", FreezeSection(embeddings=True, first_layers=1), ["classifier"])
     names = trainable(bert)
-    assert not any(n.startswith(("bert.embeddings.", "bert.encoder.layer.0.")) for n in names)
-    assert any(n.startswith("bert.encoder.layer.1.") for n in names) and "classifier.weight" in names
+    # exactly the embeddings and layer 0 freeze: everything else (layer 1, pooler, head) trains
+    frozen = ("bert.embeddings.", "bert.encoder.layer.0.")
+    everything = {n for n, _ in bert.named_parameters()}
+    assert names == {n for n in everything if not n.startswith(frozen)}, everything - names
+    assert "classifier.weight" in names and any(n.startswith("bert.encoder.layer.1.") for n in names)
 
 
 def test_freeze_patterns_must_match(bert):
