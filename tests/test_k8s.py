@@ -772,19 +772,19 @@ def test_job_name_is_derived_and_sanitised(
     tmp_path: Path, output_dir: str, stem: str, expected: str
 ) -> None:
     recipe = load_recipe(write_recipe(tmp_path, stem, output_dir=output_dir))
-    name = k8s.job_name(recipe, tmp_path / f"{stem}.yaml")
+    name = k8s.job_name(recipe.output_dir, tmp_path / f"{stem}.yaml")
     assert name == expected
     assert len(name) <= k8s.MAX_JOB_NAME and re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name)
 
 
 def test_default_layout(tmp_path: Path) -> None:
     gpu = load_recipe(write_recipe(tmp_path, "gpu", num_workers=12))
-    layout = k8s.worker_layout(gpu, k8s.K8sOptions(pvc="s"))
+    layout = k8s.worker_layout(gpu.resources, k8s.K8sOptions(pvc="s"))
     assert (layout.nodes, layout.workers_per_pod, layout.gpus) == (2, 8, 8)
     cpu = load_recipe(
         write_recipe(tmp_path, "cpu", num_workers=3, use_gpu=False, cpus_per_worker=1.5)
     )
-    layout = k8s.worker_layout(cpu, k8s.K8sOptions())
+    layout = k8s.worker_layout(cpu.resources, k8s.K8sOptions())
     assert (layout.nodes, layout.gpus, layout.cpu) == (1, 0, str(math.ceil(3 * 1.5)))
 
 

@@ -100,7 +100,7 @@ def train_ray(
 ) -> int:
     recipe = prepared.recipe
     try:
-        connected_here = orchestrate.connect(req.address, recipe)
+        connected_here = orchestrate.connect(req.address, recipe.resources)
     except SystemExit as raised:
         # ray.init installs, for its whole start-up, a SIGTERM handler that exits 15.
         if raised.code != signal.SIGTERM:
@@ -114,7 +114,7 @@ def train_ray(
     try:
         if signals.stopping:
             return 0
-        orchestrate.check_capacity(recipe)
+        orchestrate.check_capacity(recipe.resources)
         preflight.check_multi_node(recipe)
         fit_warning(recipe, True)
         write_run_files(run_dir, recipe, prepared.ds_config)

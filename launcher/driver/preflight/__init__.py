@@ -69,7 +69,7 @@ def check_cluster(recipe: Recipe, timeout_s: float = TIMEOUT_S) -> Preflight:
             if isinstance(r, NodeReport)
         }
         hosts = [
-            n for n in worker_hosts(recipe, nodes) if isinstance(reports[n.node_id], NodeReport)
+            n for n in worker_hosts(recipe.resources, nodes) if isinstance(reports[n.node_id], NodeReport)
         ]
         allreduce_result, allreduce_failures = _run_allreduce(hosts, reports, runtime_env)
     finally:
@@ -149,7 +149,7 @@ def run(
     recipe = load_recipe(recipe_path, overrides, output_dir)
     output_dir = Path(recipe.output_dir).expanduser().resolve()
     recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
-    started_here = orchestrate.connect(address, recipe)
+    started_here = orchestrate.connect(address, recipe.resources)
     try:
         result = check_cluster(recipe)
     finally:

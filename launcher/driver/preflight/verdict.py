@@ -9,6 +9,8 @@ from pathlib import Path
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
+from launcher.recipe.run_sections import ResourcesSection
+from launcher.recipe.sections import ModelSection
 from launcher.driver.nodes import Node
 from launcher.driver.preflight.node import PACKAGES, PREFLIGHT_DIR, NodeReport
 
@@ -61,10 +63,9 @@ class Preflight:
             )
 
 
-def worker_hosts(recipe: Recipe, nodes: Sequence[Node]) -> list[Node]:
+def worker_hosts(res: ResourcesSection, nodes: Sequence[Node]) -> list[Node]:
     """Nodes Ray can place a worker on. A GPU recipe on a cluster without GPUs gets the nodes
     with enough CPUs, so that the GPU checks fail there, naming them."""
-    res = recipe.resources
     fits = [n for n in nodes if n.resources.get("CPU", 0) >= res.cpus_per_worker]
     if res.use_gpu:
         return [n for n in fits if n.resources.get("GPU", 0) >= 1] or fits
@@ -91,22 +92,30 @@ def evaluate(
         return failures
     ref_id = reference_node if reference_node in ok else next(iter(ok))
     ref_node = next(n for n in nodes if n.node_id == ref_id)
-    hosts = {n.node_id for n in worker_hosts(recipe, nodes)}
+    hosts = {n.node_id for n in worker_hosts(recipe.resources, nodes)}
     share = Path(recipe.output_dir) / PREFLIGHT_DIR
     for n in nodes:
         report = ok.get(n.node_id)
         if report is None:
             continue
-        failures += _version_failures(n, report, ok[ref_id], ref_node, n.node_id in hosts, recipe)
+        failures += _version_failures(
+            n, report, ok[ref_id], ref_node, n.node_id in hosts, recipe.resources, recipe.model
+        )
         failures += _storage_failures(n, report, driver_sees.get(n.node_id, False), share)
         if n.node_id in hosts:
-            failures += _host_failures(n, report, recipe)
-    failures += _placement_failures(recipe, hosts)
+            failures += _host_failures(n, report, recipe.resources, recipe.model)
+    failures += _placement_failures(recipe.resources, hosts)
     return failures
 
 
 def _version_failures(
-    node: Node, report: NodeReport, ref: NodeReport, ref_node: Node, host: bool, recipe: Recipe
+    node: Node,
+    report: NodeReport,
+    ref: NodeReport,
+    ref_node: Node,
+    host: bool,
+    res: ResourcesSection,
+    model: ModelSection,
 ) -> list[Failure]:
     out = [
         Failure(node.name, name, "not installed") for name in PACKAGES if not report.versions[name]
@@ -114,8 +123,8 @@ def _version_failures(
     compare = list(AGREE)
     if (
         host
-        and recipe.resources.use_gpu
-        and recipe.model.attention in ("auto", "flash_attention_2")
+        and res.use_gpu
+        and model.attention in ("auto", "flash_attention_2")
     ):
         compare.append("flash-attn")  # auto would pick a different kernel on different nodes
     for name in compare:
@@ -157,9 +166,10 @@ def _storage_failures(
     ]
 
 
-def _host_failures(node: Node, report: NodeReport, recipe: Recipe) -> list[Failure]:
+def _host_failures(
+    node: Node, report: NodeReport, res: ResourcesSection, model: ModelSection
+) -> list[Failure]:
     """Checks on a node a worker can land on: free disk, GPUs, flash-attn."""
-    res, model = recipe.resources, recipe.model
     problems: list[tuple[str, str]] = []
     if report.free_bytes < MIN_FREE_BYTES:
         free, needed = _gib(report.free_bytes), _gib(MIN_FREE_BYTES)
@@ -195,8 +205,7 @@ def _host_failures(node: Node, report: NodeReport, recipe: Recipe) -> list[Failu
     return [Failure(node.name, check, detail) for check, detail in problems]
 
 
-def _placement_failures(recipe: Recipe, hosts: set[str]) -> list[Failure]:
-    res = recipe.resources
+def _placement_failures(res: ResourcesSection, hosts: set[str]) -> list[Failure]:
     if not hosts:
         need = f"{res.cpus_per_worker:g} CPUs" + (" and a GPU" if res.use_gpu else "")
         return [Failure("cluster", "placement", f"no node has {need} for a worker")]

@@ -7,7 +7,6 @@ import re
 from pathlib import Path, PurePosixPath
 
 from launcher.errors import UserInputError
-from launcher.recipe import Recipe
 
 RECIPE_DIR = "/etc/ftlaunch"
 RECIPE_FILE = "recipe.yaml"
@@ -20,7 +19,7 @@ DNS1123_SUBDOMAIN = re.compile(
 )
 
 
-def job_name(recipe: Recipe, recipe_path: str | Path, name: str | None = None) -> str:
+def job_name(output_dir: str, recipe_path: str | Path, name: str | None = None) -> str:
     """The RayJob name: ``name`` if given (checked), else derived from output_dir or the file."""
     if name is not None:
         if len(name) > MAX_JOB_NAME or not DNS1035_LABEL.match(name):
@@ -30,7 +29,7 @@ def job_name(recipe: Recipe, recipe_path: str | Path, name: str | None = None) -
                 "starting with a letter and ending with a letter or digit",
             )
         return name
-    for source in (PurePosixPath(recipe.output_dir).name, Path(recipe_path).stem):
+    for source in (PurePosixPath(output_dir).name, Path(recipe_path).stem):
         candidate = _sanitize(source)
         if candidate:
             return candidate

@@ -12,6 +12,7 @@ from typing import Any
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
+from launcher.recipe.run_sections import ResourcesSection
 from launcher.recipe.secrets import SECRETS_HELP, is_secret_name
 from launcher.jobs.k8s.names import RECIPE_DIR, RECIPE_FILE, labels, configmap_name, job_name
 from launcher.jobs.k8s.options import K8sOptions, ENV_NAME, check_options, check_quantity, cpu_cores
@@ -35,13 +36,12 @@ class WorkerLayout:
     memory: str
 
 
-def worker_layout(recipe: Recipe, options: K8sOptions) -> WorkerLayout:
+def worker_layout(res: ResourcesSection, options: K8sOptions) -> WorkerLayout:
     """Size the worker pods and check that they hold resources.num_workers training workers."""
-    res = recipe.resources
     per_pod = options.gpus_per_node or min(8, res.num_workers)
     nodes = options.nodes or math.ceil(res.num_workers / per_pod)
     gpus = per_pod if res.use_gpu else 0
-    cpu = options.worker_cpu or _default_worker_cpu(recipe, per_pod)
+    cpu = options.worker_cpu or _default_worker_cpu(res, per_pod)
     cores = cpu_cores(cpu, "--worker-cpu")
     memory = options.worker_memory or _default_worker_memory(gpus, cores)
     check_quantity(memory, "--worker-memory")
@@ -68,9 +68,9 @@ def worker_layout(recipe: Recipe, options: K8sOptions) -> WorkerLayout:
     return WorkerLayout(nodes, per_pod, gpus, cpu, memory)
 
 
-def _default_worker_cpu(recipe: Recipe, per_pod: int) -> str:
-    reserved = math.ceil(recipe.resources.cpus_per_worker * per_pod)
-    if recipe.resources.use_gpu:
+def _default_worker_cpu(res: ResourcesSection, per_pod: int) -> str:
+    reserved = math.ceil(res.cpus_per_worker * per_pod)
+    if res.use_gpu:
         reserved = max(reserved, CPUS_PER_GPU * per_pod)
     return str(reserved)
 
@@ -81,12 +81,12 @@ def _default_worker_memory(gpus: int, cores: float) -> str:
     return f"{MEMORY_GIB_PER_CPU * max(1, math.ceil(cores))}Gi"
 
 
-def container_env(recipe: Recipe, options: K8sOptions) -> list[dict[str, Any]]:
+def container_env(resources: ResourcesSection, options: K8sOptions) -> list[dict[str, Any]]:
     """Recipe env, NCCL env and Secret references; a name may be set only once, and a
     secret-looking name only by a Secret reference (a plain value would sit in the manifest)."""
     env: list[dict[str, Any]] = []
     sources = [
-        ("resources.env", [(k, {"value": v}) for k, v in recipe.resources.env.items()]),
+        ("resources.env", [(k, {"value": v}) for k, v in resources.env.items()]),
         ("--nccl-env", [(k, {"value": v}) for k, v in options.nccl_env.items()]),
         (
             "--secret",
@@ -122,13 +122,13 @@ def container_env(recipe: Recipe, options: K8sOptions) -> list[dict[str, Any]]:
     return env
 
 
-def pod_output_dir(recipe: Recipe, name: str, options: K8sOptions) -> str | None:
+def pod_output_dir(output_dir: str, name: str, options: K8sOptions) -> str | None:
     """The run directory in the pods with a PVC: output_dir if it is already on the PVC,
     else ``<pvc_mount>/<name>``. None without a PVC (the recipe's output_dir stands)."""
     if not options.pvc:
         return None
     mount = PurePosixPath(options.pvc_mount)
-    current = PurePosixPath(recipe.output_dir)
+    current = PurePosixPath(output_dir)
     if current.is_absolute() and current.is_relative_to(mount) and ".." not in current.parts:
         return str(current)
     return str(mount / name)
@@ -218,8 +218,8 @@ def _worker_group(
 def render_rayjob(recipe: Recipe, recipe_path: str | Path, options: K8sOptions) -> dict[str, Any]:
     """The RayJob (apiVersion ray.io/v1) for ``recipe`` as a plain dict."""
     check_options(options)
-    name = job_name(recipe, recipe_path, options.name)
-    layout = worker_layout(recipe, options)
+    name = job_name(recipe.output_dir, recipe_path, options.name)
+    layout = worker_layout(recipe.resources, options)
     if not options.pvc and not PurePosixPath(recipe.output_dir).is_absolute():
         raise UserInputError(
             "--pvc",
@@ -228,14 +228,14 @@ def render_rayjob(recipe: Recipe, recipe_path: str | Path, options: K8sOptions) 
             "pass --pvc NAME (a ReadWriteMany PersistentVolumeClaim), or make output_dir an "
             "absolute path on shared storage you mount into every pod yourself",
         )
-    env = container_env(recipe, options)
+    env = container_env(recipe.resources, options)
     metadata: dict[str, Any] = {
         "name": name,
         "namespace": options.namespace,
         "labels": labels(name),
     }
     spec: dict[str, Any] = {
-        "entrypoint": entrypoint(pod_output_dir(recipe, name, options)),
+        "entrypoint": entrypoint(pod_output_dir(recipe.output_dir, name, options)),
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": options.ttl_seconds_after_finished,
