@@ -68,7 +68,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
             if req.backend == "torchrun":
                 code = train_torchrun(prepared, run_dir, signals, driver, fit_warning)
             else:
-                code = train_ray(args, prepared, run_dir, resuming, signals, driver)
+                code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
         if signals.stopping:
             return report_stop(signals, run_dir, req.argv)
         if code != 0:
