@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from launcher.checkpoint import commit as ckpt
+from launcher.checkpoint.universal import to_universal
 from launcher.train.metrics import JsonlSink, read_metrics
 from launcher.recipe.run_sections import TrainSection
 from launcher.train.schedule import lr_lambda
@@ -135,12 +136,12 @@ def test_an_unchecked_universal_folder_is_set_aside_and_rebuilt(run_copy, tmp_pa
     plant(planted / "mp_rank_00_model_states.pt", marker)
     assert ckpt.problem(step_dir(run_copy, 4)) is None  # universal/ answers to its own manifest
     warnings: list[str] = []
-    target = ckpt.to_universal(step_dir(run_copy, 4), warnings.append)
+    target = to_universal(step_dir(run_copy, 4), warnings.append)
     assert target == planted and ckpt.tree_problem(target) is None
     assert "not a verified conversion" in warnings[0]
     aside = list(ckpt.checkpoints_dir(run_copy).glob(".step_00000004.universal.rejected.*"))
     assert len(aside) == 1 and (aside[0] / "mp_rank_00_model_states.pt").is_file()  # kept
-    assert ckpt.to_universal(step_dir(run_copy, 4), warnings.append) == target  # reused now
+    assert to_universal(step_dir(run_copy, 4), warnings.append) == target  # reused now
     assert len(warnings) == 1
     assert not marker.exists()
 

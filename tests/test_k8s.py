@@ -26,6 +26,8 @@ from typing import Any
 import pytest
 import yaml
 
+from launcher.cli.cluster_parsers import add_k8s_arguments
+from launcher.cli.commands import cmd_k8s
 from launcher.jobs import k8s
 from launcher.errors import UserInputError
 from launcher.recipe import load_recipe, validate_recipe
@@ -259,13 +261,13 @@ def write_recipe(
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ftlaunch k8s")
-    k8s.add_arguments(parser)
+    add_k8s_arguments(parser)
     return parser.parse_args(argv)
 
 
 def render_cli(argv: list[str], out: Path) -> tuple[list[dict[str, Any]], str]:
     """Run ``ftlaunch k8s ARGV --out OUT`` in-process; return the parsed documents and text."""
-    assert k8s.run(parse_args([*argv, "--out", str(out)])) == 0
+    assert cmd_k8s(parse_args([*argv, "--out", str(out)])) == 0
     text = out.read_text()
     return list(yaml.safe_load_all(text)), text
 
@@ -647,7 +649,7 @@ def test_a_secret_given_as_nccl_env_is_refused_and_never_written(
     out = tmp_path / "out.yaml"
     argv = [str(recipe), "--nccl-env", f"{name}={PLANTED}=\n'\"é", "--out", str(out)]
     with pytest.raises(UserInputError) as info:
-        k8s.run(parse_args(argv))
+        cmd_k8s(parse_args(argv))
     assert info.value.where == f"--nccl-env {name}"
     assert f"--secret {name}=SECRET/KEY" in str(info.value)
     assert PLANTED not in str(info.value) + "".join(capsys.readouterr())
@@ -672,13 +674,13 @@ def test_secret_looking_overrides_never_reach_the_configmap(
     recipe.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out.yaml"
     with pytest.raises(UserInputError) as info:
-        k8s.run(parse_args([str(recipe), "--out", str(out)]))
+        cmd_k8s(parse_args([str(recipe), "--out", str(out)]))
     assert "deepspeed.overrides." in str(info.value) and "looks like a secret" in str(info.value)
     assert PLANTED not in str(info.value) + "".join(capsys.readouterr())
     assert not out.exists()
     flag = ["--set", f"deepspeed.overrides.comet.api_key={PLANTED}", "--out", str(out)]
     with pytest.raises(UserInputError, match="deepspeed.overrides.comet.api_key"):
-        k8s.run(parse_args([str(write_recipe(tmp_path, "b", output_dir="/nfs/b")), *flag]))
+        cmd_k8s(parse_args([str(write_recipe(tmp_path, "b", output_dir="/nfs/b")), *flag]))
     assert not out.exists()
 
 
@@ -686,9 +688,9 @@ def test_nccl_env_given_twice_is_refused(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
     argv = [str(recipe), "--nccl-env", "NCCL_DEBUG=INFO", "--nccl-env", "NCCL_DEBUG=WARN"]
     with pytest.raises(UserInputError, match="given twice"):
-        k8s.run(parse_args(argv))
+        cmd_k8s(parse_args(argv))
     with pytest.raises(UserInputError) as info:
-        k8s.run(parse_args([str(recipe), "--nccl-env", f"={PLANTED}"]))
+        cmd_k8s(parse_args([str(recipe), "--nccl-env", f"={PLANTED}"]))
     assert PLANTED not in str(info.value)
 
 
@@ -746,7 +748,7 @@ def test_override_reaches_the_configmap(tmp_path: Path) -> None:
 
 def test_stdout_without_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = write_recipe(tmp_path, output_dir="/nfs/runs/job")
-    assert k8s.run(parse_args([str(recipe)])) == 0
+    assert cmd_k8s(parse_args([str(recipe)])) == 0
     captured = capsys.readouterr()
     split(list(yaml.safe_load_all(captured.out)))
     assert "--pvc" in captured.err
@@ -770,19 +772,19 @@ def test_job_name_is_derived_and_sanitised(
     tmp_path: Path, output_dir: str, stem: str, expected: str
 ) -> None:
     recipe = load_recipe(write_recipe(tmp_path, stem, output_dir=output_dir))
-    name = k8s.job_name(recipe, tmp_path / f"{stem}.yaml")
+    name = k8s.job_name(recipe.output_dir, tmp_path / f"{stem}.yaml")
     assert name == expected
     assert len(name) <= k8s.MAX_JOB_NAME and re.match(r"^[a-z]([-a-z0-9]*[a-z0-9])?$", name)
 
 
 def test_default_layout(tmp_path: Path) -> None:
     gpu = load_recipe(write_recipe(tmp_path, "gpu", num_workers=12))
-    layout = k8s.worker_layout(gpu, k8s.K8sOptions(pvc="s"))
+    layout = k8s.worker_layout(gpu.resources, k8s.K8sOptions(pvc="s"))
     assert (layout.nodes, layout.workers_per_pod, layout.gpus) == (2, 8, 8)
     cpu = load_recipe(
         write_recipe(tmp_path, "cpu", num_workers=3, use_gpu=False, cpus_per_worker=1.5)
     )
-    layout = k8s.worker_layout(cpu, k8s.K8sOptions())
+    layout = k8s.worker_layout(cpu.resources, k8s.K8sOptions())
     assert (layout.nodes, layout.gpus, layout.cpu) == (1, 0, str(math.ceil(3 * 1.5)))
 
 
@@ -846,7 +848,7 @@ def test_bad_input_names_the_flag(tmp_path: Path, case: str) -> None:
     recipe = write_recipe(tmp_path, **{"output_dir": "/nfs/runs/job", **recipe_kwargs})
     out = tmp_path / "out.yaml"
     with pytest.raises(UserInputError) as info:
-        k8s.run(parse_args([str(recipe), *argv, "--out", str(out)]))
+        cmd_k8s(parse_args([str(recipe), *argv, "--out", str(out)]))
     assert info.value.where.startswith(flag), info.value
     assert not out.exists()
 
@@ -854,7 +856,7 @@ def test_bad_input_names_the_flag(tmp_path: Path, case: str) -> None:
 def test_invalid_recipe_is_a_user_error(tmp_path: Path) -> None:
     recipe = write_recipe(tmp_path)
     with pytest.raises(UserInputError, match="resources.num_workers"):
-        k8s.run(parse_args([str(recipe), "--set", "resources.num_workers=0"]))
+        cmd_k8s(parse_args([str(recipe), "--set", "resources.num_workers=0"]))
 
 
 # --- the CLI ------------------------------------------------------------------------------
@@ -868,7 +870,7 @@ def _ftlaunch(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _cli_has_k8s() -> bool:
-    if not (ROOT / "launcher" / "cli.py").is_file():
+    if not (ROOT / "launcher" / "cli" / "__init__.py").is_file():
         return False
     result = _ftlaunch("--help")
     return result.returncode == 0 and re.search(r"\bk8s\b", result.stdout) is not None
@@ -876,7 +878,7 @@ def _cli_has_k8s() -> bool:
 
 def test_cli_end_to_end(tmp_path: Path) -> None:
     if not _cli_has_k8s():
-        pytest.skip("launcher/cli.py has no k8s subcommand yet")
+        pytest.skip("launcher/cli/ has no k8s subcommand yet")
     quickstart = ROOT / "recipes" / "quickstart.yaml"
     recipe = quickstart if quickstart.is_file() else write_recipe(tmp_path, "quickstart")
     ok = _ftlaunch("k8s", str(recipe), "--nodes", "1", "--pvc", "shared")

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from launcher.report import liveness
+from launcher.run import liveness
 from tests.conftest import ROOT, tiny_recipe, write_recipe
 
 PNG = b"\x89PNG\r\n\x1a\n"

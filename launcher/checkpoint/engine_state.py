@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from launcher.checkpoint import commit as ckpt
 from launcher.checkpoint import rng
+from launcher.checkpoint.universal import to_universal
 from launcher.ranks import Rank, any_rank, gather
 from launcher.recipe.run_sections import CheckpointSection
 from launcher.run.rundir import RunDir
@@ -51,7 +52,7 @@ def find_resume_point(run_dir: Path, cfg: CheckpointSection, rank: Rank) -> Resu
     rank.log(f"{found.path} was written by {saved_world} ranks, resuming on {rank.world}: "
              "converting it to a universal checkpoint")
     if rank.rank == 0:
-        ckpt.to_universal(found.path, warn)
+        to_universal(found.path, warn)
     dist.barrier()
     return ResumePoint(found, universal=True, skipped=tuple(skipped))
 

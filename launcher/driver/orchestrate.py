@@ -11,6 +11,7 @@ from launcher.driver import console
 from launcher.errors import UserInputError
 from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
+from launcher.recipe.run_sections import ResourcesSection
 from launcher.driver.stop import Signals
 from launcher.run.rundir import RunDir
 
@@ -24,7 +25,7 @@ class TrainingFailed(Exception):
     """Training ended in an error after Ray Train used up its restarts."""
 
 
-def connect(address: str | None, recipe: Recipe) -> bool:
+def connect(address: str | None, res: ResourcesSection) -> bool:
     """Join ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if connected
     here: the caller then calls ``ray.shutdown()``, which stops an embedded Ray, and on an
     external cluster ends this job, so Ray reclaims its actors (the workers) and nothing else."""
@@ -37,7 +38,6 @@ def connect(address: str | None, recipe: Recipe) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    res = recipe.resources
     start_local_ray(max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999)))
     return True
 
@@ -62,11 +62,10 @@ def start_local_ray(num_cpus: int) -> None:
     )
 
 
-def check_capacity(recipe: Recipe) -> None:
+def check_capacity(res: ResourcesSection) -> None:
     """Fail fast, before the run directory exists, when the cluster can never fit the job."""
     import ray
 
-    res = recipe.resources
     total = ray.cluster_resources()
     if res.use_gpu and total.get("GPU", 0) < res.num_workers:
         raise UserInputError(

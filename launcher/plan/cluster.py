@@ -7,9 +7,7 @@ import os
 from dataclasses import dataclass
 
 from launcher.errors import UserInputError
-from launcher.driver.preflight import _gather as gather
-from launcher.driver.preflight import _on as on_node
-from launcher.driver.preflight import alive_nodes
+from launcher.driver.nodes import alive_nodes, gather, on_node
 
 TIMEOUT_S = 60.0
 

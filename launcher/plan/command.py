@@ -47,7 +47,7 @@ def read_cluster(address: str, recipe: Recipe) -> ClusterBudget:
 
     from launcher.driver import orchestrate
 
-    started = orchestrate.connect(address, recipe)
+    started = orchestrate.connect(address, recipe.resources)
     try:
         return summarize(cluster_memory())
     finally:

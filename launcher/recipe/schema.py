@@ -2,7 +2,7 @@
 
 Every field's description is its documentation (sections.py). Validation here is purely
 structural and arithmetic; checks that need the model, tokenizer, data or hardware live in
-``launcher/driver/prepare.py`` and ``launcher/driver/preflight.py``.
+``launcher/driver/prepare.py`` and ``launcher/driver/preflight/``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``ftlaunch runs DIR``: every run directory under DIR, with what state it is in.
 
 Status, from positive evidence only:
-  running      a live driver holds RUN_DIR/driver.lock (launcher.report.liveness)
+  running      a live driver holds RUN_DIR/driver.lock (launcher.run.liveness)
   failed       the last driver recorded a failure (driver_failed.json)
   finished     final/ holds a verified export (final/ftlaunch_export.json and every file it
                lists) written after the last driver started
@@ -23,7 +23,7 @@ from launcher.train.early_stop import history_from, judge
 from launcher.errors import UserInputError
 from launcher.run.export import EXPORT_MARK
 from launcher.recipe.run_sections import EarlyStoppingSection
-from launcher.report import liveness
+from launcher.run import liveness
 from launcher.report.history import METRICS, read_history
 from launcher.run.rundir import RESOLVED, RunDir, load_resolved
 

@@ -1,0 +1,40 @@
+"""The ``ftlaunch`` command: parse (``parsers``, ``cluster_parsers``), hand the arguments to the
+layer that does the work (``commands``), and turn what comes back into the exit code.
+
+Exit codes: 0 success, 1 training failure, 2 invalid recipe, data or arguments; 130 and 143
+after SIGINT and SIGTERM (with the command that resumes the run).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from launcher.errors import ExportError, UserInputError
+from launcher.cli.commands import COMMANDS
+from launcher.cli.parsers import SUBCOMMANDS, build_parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] not in SUBCOMMANDS and not argv[0].startswith("-"):
+        argv.insert(0, "train")
+    args = build_parser().parse_args(argv)
+    args.argv = argv
+    from launcher.driver.stop import Terminated, resume_command, sigterm_raises
+
+    try:
+        with sigterm_raises():
+            return COMMANDS[args.command](args)
+    except UserInputError as e:
+        print(f"ftlaunch: error: {e}", file=sys.stderr)
+        return 2
+    except ExportError as e:
+        print(f"ftlaunch: export failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"ftlaunch: interrupted; to resume, run:\n  {resume_command(argv)}", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"ftlaunch: terminated (SIGTERM); to resume, run:\n  {resume_command(argv)}",
+              file=sys.stderr)
+        return 143

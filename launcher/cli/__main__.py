@@ -1,0 +1,7 @@
+"""``python -m launcher.cli``: the ``ftlaunch`` command."""
+
+import sys
+
+from launcher.cli import main
+
+sys.exit(main())

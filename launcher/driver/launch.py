@@ -1,0 +1,159 @@
+"""``ftlaunch train``: from the parsed command to an exported run.
+
+Prepare (what needs the model config, tokenizer and data), check that the run directory can be
+resumed, then, holding the driver's liveness file and the stop signals, train on the request's
+backend (Ray Train on a cluster, or torchrun on this machine) and export ``final/``. A stop
+request ends with the command that resumes the run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.checkpoint.commit import committed
+from launcher.driver import console, orchestrate, preflight, stop
+from launcher.driver.hang import HangWatcher
+from launcher.driver.prepare import prepare, recipe_locations
+from launcher.driver.stop import resume_command
+from launcher.driver.trackers import require, tracking
+from launcher.errors import UserInputError
+from launcher.jobs.address import check_cluster_address
+from launcher.recipe import Recipe, load_recipe
+from launcher.run import liveness
+from launcher.run.export import export_run
+from launcher.run.rundir import check_resumable, write_run_files
+
+# The planner's fit warning before launch (recipe, on_ray): it reads the GPUs of the cluster,
+# so it lives above driver/ and the command passes it in.
+FitWarning = Callable[[Recipe, bool], None]
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What ``ftlaunch train`` was asked, as parsed."""
+
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    output_dir: str | None = None
+    backend: str = "ray"  # "ray" (Ray Train) or "torchrun" (this machine only)
+    address: str | None = None
+    insecure: bool = False
+    allow_recipe_change: bool = False
+    progress: bool = True
+    argv: tuple[str, ...] = ()
+
+
+def train(req: TrainRequest, fit_warning: FitWarning) -> int:
+    """Prepare, train on the request's backend, export; the exit code (signals: 130/143)."""
+    if req.backend == "torchrun" and req.address:
+        raise UserInputError("--address", "the torchrun backend runs on this machine only; "
+                             "drop --address, or use --backend ray to join a cluster")
+    if req.backend == "ray":
+        check_cluster_address(req.address, req.insecure, os.environ)
+    with recipe_locations(req.recipe, req.overrides, req.output_dir):
+        recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
+        require(recipe, req.recipe)  # before anything starts
+        prepared = prepare(recipe)
+    recipe = prepared.recipe
+    run_dir = Path(recipe.output_dir)
+    resuming = check_resumable(run_dir, recipe, req.allow_recipe_change)
+    stop.clear(run_dir)
+    cp = recipe.checkpoint
+    with liveness.Driver(run_dir) as driver, console.routed(), \
+            HangWatcher(run_dir, recipe.resources):
+        with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
+            if req.backend == "torchrun":
+                progress = req.progress and recipe.logging.progress
+                code = train_torchrun(prepared, run_dir, signals, driver, fit_warning, progress)
+            else:
+                code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
+        if signals.stopping:
+            return report_stop(signals, run_dir, req.argv)
+        if code != 0:
+            driver.fail("training failed")
+            return code
+        print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
+    return code
+
+
+def train_torchrun(
+    prepared, run_dir: Path, signals, driver, fit_warning: FitWarning, progress: bool = False
+) -> int:
+    fit_warning(prepared.recipe, False)
+    write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    driver.claim()
+    if signals.stopping:
+        return 0
+    with tracking(prepared.recipe, run_dir) as trackers:
+        code = orchestrate.run_torchrun(prepared.recipe, run_dir, signals, [trackers], progress)
+        if trackers:
+            trackers.status = "killed" if signals.stopping else "failed" if code else "finished"
+    if code != 0 and not signals.stopping:
+        print(f"ftlaunch: training failed (the workers' output is in {run_dir / 'driver.log'})",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_ray(
+    req: TrainRequest, prepared, run_dir: Path, resuming: bool, signals, driver,
+    fit_warning: FitWarning,
+) -> int:
+    recipe = prepared.recipe
+    try:
+        connected_here = orchestrate.connect(req.address, recipe.resources)
+    except SystemExit as raised:
+        # ray.init installs, for its whole start-up, a SIGTERM handler that exits 15.
+        if raised.code != signal.SIGTERM:
+            raise
+        import ray
+
+        signals.deliver(signal.SIGTERM)
+        ray.shutdown()
+        return 0
+    signals.reclaim()
+    try:
+        if signals.stopping:
+            return 0
+        orchestrate.check_capacity(recipe.resources)
+        preflight.check_multi_node(recipe)
+        fit_warning(recipe, True)
+        write_run_files(run_dir, recipe, prepared.ds_config)
+        driver.claim()
+        if signals.stopping:
+            return 0
+        print(f"[ftlaunch] {'resuming' if resuming else 'starting'} run in {run_dir}", file=sys.stderr)
+        trainer = orchestrate.make_trainer(recipe, prepared.ds_config, run_dir)
+        with tracking(recipe, run_dir) as trackers:
+            orchestrate.fit(
+                trainer, run_dir, req.progress and recipe.logging.progress,
+                recipe.checkpoint.max_failures, signals, [trackers],
+            )
+            if trackers:
+                trackers.status = "killed" if signals.stopping else "finished"
+    except orchestrate.TrainingFailed as e:
+        print(f"ftlaunch: training failed: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if connected_here:
+            import ray
+
+            ray.shutdown()
+    return 0
+
+
+def report_stop(signals, run_dir: Path, argv: Sequence[str]) -> int:
+    """After a signal: say what was kept and the command that continues the run."""
+    done = committed(run_dir) if run_dir.is_dir() else []
+    kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
+    print(
+        f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  "
+        f"{resume_command(argv)}",
+        file=sys.stderr,
+    )
+    return signals.exit_code()
