@@ -87,17 +87,24 @@ class RunLog(logging.Handler):
                 self._file.write(text.rstrip("\n") + "\n")
             self._held.clear()
 
+    def release(self) -> None:
+        """Print what is still held (the run directory was never written: nothing may be
+        lost), before a launch's last words rather than after them."""
+        with _lock:
+            held, self._held = self._held, []
+            for text in held:
+                sys.stderr.write(text.rstrip("\n") + "\n")
+            sys.stderr.flush()
+
     def close(self) -> None:
         for callback in self.on_close:
             callback()
         self.on_close.clear()
         with _lock:
-            held, self._held = self._held, []
             if self._file is not None:
                 self._file.close()
                 self._file = None
-        for text in held:  # the run directory was never written: nothing may be lost
-            sys.stderr.write(text.rstrip("\n") + "\n")
+        self.release()
         super().close()
 
 

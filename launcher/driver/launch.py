@@ -64,7 +64,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
     resuming = check_resumable(run_dir, recipe, req.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    with liveness.Driver(run_dir) as driver, console.routed(), \
+    with liveness.Driver(run_dir) as driver, console.routed() as log, \
             HangWatcher(run_dir, recipe.resources):
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if req.backend == "torchrun":
@@ -73,6 +73,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
             else:
                 code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
         if signals.stopping:
+            log.release()  # Ray's held start-up messages come before the stop report
             return report_stop(signals, run_dir, req.argv)
         if code != 0:
             driver.fail("training failed")
