@@ -146,3 +146,20 @@ def sentiment_run(ray_cluster, tmp_path_factory):
     ``@pytest.mark.xdist_group("sentiment")`` so that under pytest-xdist one worker trains it."""
     return train_recipe("sentiment_bert", tmp_path_factory.mktemp("sentiment") / "run")
 
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup) the tests that share a module-scoped fixture of
+    their own module (a trained run) go to one worker, so the run is trained once, not once per
+    worker. Runs before xdist reads the groups."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        module_id = item.nodeid.split("::")[0]
+        for name in info.names_closure:
+            defs = info.name2fixturedefs.get(name)
+            if defs and defs[-1].scope == "module" and defs[-1].baseid == module_id:
+                item.add_marker(pytest.mark.xdist_group(f"{module_id}::{name}"))
+                break

@@ -66,6 +66,7 @@ def slowed(tmp_path_factory):
                   {"FTLAUNCH_TEST_FAULT": "slow_step:0+", "FTLAUNCH_TEST_SLOW_STEP_S": "0.3"})
 
 
+@pytest.mark.xdist_group("live_slowed")  # one trained run serves both
 def test_torchrun_console_has_no_chatter_and_names_the_straggler(slowed):
     run_dir, terminal = slowed
     assert_console_for_people(run_dir, terminal)
@@ -82,6 +83,7 @@ def test_torchrun_console_has_no_chatter_and_names_the_straggler(slowed):
         assert slow >= 0.3 > fast
 
 
+@pytest.mark.xdist_group("live_slowed")  # one trained run serves both
 def test_rich_view_renders_every_eval_metric_and_the_run_state(slowed):
     run_dir, _ = slowed
     records = read_metrics(run_dir / "metrics.jsonl")
