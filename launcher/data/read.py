@@ -84,12 +84,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise UserInputError(f"{path}:{number}", f"malformed JSON: {e.msg}") from None
-            if not isinstance(value, dict):
-                got = JSON_TYPES.get(type(value), type(value).__name__)
-                raise UserInputError(
-                    f"{path}:{number}", f"each line must be a JSON object, got {got}"
-                )
-            yield Row(value, f"{path}:{number}")
+            yield _object_row(value, f"{path}:{number}", "each line")
 
 
 def _read_json(path: Path) -> list[Row]:
@@ -101,27 +96,30 @@ def _read_json(path: Path) -> list[Row]:
     decoder = json.JSONDecoder()
     rows: list[Row] = []
     at = _skip_space(text, text.index("[") + 1, path)
+    line, counted = 1, 0  # lines counted up to ``counted``: one pass over the file, not per row
     while not text.startswith("]", at):
         if rows:
             if not text.startswith(",", at):
                 raise _malformed(path, text, at, "expected ',' or ']' between rows")
             at = _skip_space(text, at + 1, path)
-        line = text.count("\n", 0, at) + 1
+        line, counted = line + text.count("\n", counted, at), at
         try:
             value, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError as e:
             raise UserInputError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from None
-        if not isinstance(value, dict):
-            got = JSON_TYPES.get(type(value), type(value).__name__)
-            raise UserInputError(
-                f"{path}:{line}", f"row {len(rows) + 1} must be a JSON object, got {got}"
-            )
-        rows.append(Row(value, f"{path}:{line}"))
+        rows.append(_object_row(value, f"{path}:{line}", f"row {len(rows) + 1}"))
         at = _skip_space(text, at, path)
     rest = text[at + 1 :]
     if rest.strip():
         raise _malformed(path, text, len(text) - len(rest.lstrip()), "extra data after the array")
     return rows
+
+
+def _object_row(value: object, where: str, what: str) -> Row:
+    if not isinstance(value, dict):
+        got = JSON_TYPES.get(type(value), type(value).__name__)
+        raise UserInputError(where, f"{what} must be a JSON object, got {got}")
+    return Row(value, where)
 
 
 def _skip_space(text: str, at: int, path: Path) -> int:
