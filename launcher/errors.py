@@ -12,3 +12,8 @@ class UserInputError(Exception):
         super().__init__(f"{where}: {message}" if where else message)
         self.where = where
         self.message = message
+
+    def __reduce__(self):
+        # Raised in a Ray worker, it crosses to the driver by pickle, which by default
+        # re-calls __init__ with the one formatted argument.
+        return type(self), (self.where, self.message)

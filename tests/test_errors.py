@@ -105,3 +105,15 @@ def test_resume_with_changed_recipe_is_refused(cli, tmp_path):
     code, _, err = cli(path)
     assert code == 2 and "train.lr: 0.001 -> 0.5" in err
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_user_input_error_survives_the_trip_from_a_worker():
+    """Raised in a Ray worker, the error reaches the driver by pickle; without its own
+    reduce, unpickling re-calls __init__ with one argument and Ray reports a TypeError."""
+    import pickle
+
+    from launcher.errors import UserInputError
+
+    back = pickle.loads(pickle.dumps(UserInputError("checkpoint.resume_from", "none is intact")))
+    assert (back.where, back.message) == ("checkpoint.resume_from", "none is intact")
+    assert str(back) == "checkpoint.resume_from: none is intact"
