@@ -12,8 +12,24 @@ from launcher.driver import console
 def test_held_lines_come_before_the_stop_report_and_only_once(capsys):
     with console.routed() as log:
         logging.getLogger("ray").warning("Started a local Ray instance.")
-        log.release()
+        log.print_held()
         print("ftlaunch: stopped by SIGTERM; no checkpoint yet.", file=sys.stderr)
     err = capsys.readouterr().err
     assert err.index("Started a local Ray instance.") < err.index("stopped by SIGTERM")
     assert err.count("Started a local Ray instance.") == 1
+
+
+def test_held_lines_stay_held_until_the_run_log_opens(capsys, tmp_path):
+    """logging.Handler.handle() calls the handler's release() (its lock) after every record:
+    a method of that name on the run log printed all held lines at each new record."""
+    import ray  # noqa: F401  (gives the "ray" logger its level and stderr handler)
+
+    with console.routed():
+        logging.getLogger("ray._private.worker").info("Started a local Ray instance.")
+        logging.getLogger("ray").warning("Token authentication is enabled.")
+        assert capsys.readouterr().err == ""
+        console.attach(tmp_path)
+        assert capsys.readouterr().err == ""
+    text = (tmp_path / console.LOG_NAME).read_text()
+    assert "Started a local Ray instance." in text and "Token authentication" in text
+    assert capsys.readouterr().err == ""

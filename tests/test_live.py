@@ -104,8 +104,6 @@ def test_rich_view_renders_every_eval_metric_and_the_run_state(slowed):
     assert "accuracy 0.875 | f1 0.812" in plain.getvalue()
 
 
-@pytest.mark.xfail(strict=False, reason="open: on the layered tree Ray's start-up lines (token "
-                   "auth warning, 'Started a local Ray instance') still reach the terminal")
 def test_ray_console_has_no_chatter_and_each_line_once(tmp_path):
     run_dir, terminal = launch(tmp_path, "ray", 2, 3, {"RAY_DEDUP_LOGS": "0"})
     log = assert_console_for_people(run_dir, terminal)

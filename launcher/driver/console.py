@@ -87,7 +87,7 @@ class RunLog(logging.Handler):
                 self._file.write(text.rstrip("\n") + "\n")
             self._held.clear()
 
-    def release(self) -> None:
+    def print_held(self) -> None:
         """Print what is still held (the run directory was never written: nothing may be
         lost), before a launch's last words rather than after them."""
         with _lock:
@@ -104,7 +104,7 @@ class RunLog(logging.Handler):
             if self._file is not None:
                 self._file.close()
                 self._file = None
-        self.release()
+        self.print_held()
         super().close()
 
 

@@ -73,7 +73,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
             else:
                 code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
         if signals.stopping:
-            log.release()  # Ray's held start-up messages come before the stop report
+            log.print_held()  # Ray's held start-up messages come before the stop report
             return report_stop(signals, run_dir, req.argv)
         if code != 0:
             driver.fail("training failed")
