@@ -208,6 +208,21 @@ def test_runs_reports_a_finished_run(cli, trained):
 
 
 @pytest.mark.e2e
+def test_runs_names_a_damaged_run_and_lists_the_others(cli, trained, tmp_path):
+    for name in ("good", "damaged"):
+        shutil.copytree(trained, tmp_path / "runs" / name)
+    metrics = tmp_path / "runs" / "damaged" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    metrics.write_text("".join([lines[0], "{not json\n", *lines[1:]]))
+    code, out, err = cli("runs", tmp_path / "runs")
+    assert code == 0, err
+    assert f"unreadable: {metrics}:2: not valid JSON" in out, out
+    rows = runs_json(cli, tmp_path / "runs")
+    assert rows["good"]["steps_done"] == 40 and rows["good"]["problem"] is None
+    assert rows["damaged"]["status"] == "finished" and "metrics.jsonl:2" in rows["damaged"]["problem"]
+
+
+@pytest.mark.e2e
 def test_runs_reports_running_then_interrupted_after_kill_9(cli, tmp_path):
     run_dir = tmp_path / "runs" / "killed"
     recipe = tiny_recipe(run_dir, train={"max_steps": 2000}, logging={"every_steps": 1},

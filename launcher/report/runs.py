@@ -19,16 +19,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.train.early_stop import history_from, judge
 from launcher.errors import UserInputError
-from launcher.run.export import EXPORT_MARK
 from launcher.recipe.run_sections import EarlyStoppingSection
-from launcher.run import liveness
 from launcher.report.history import METRICS, read_history
+from launcher.run import liveness
+from launcher.run.export import EXPORT_MARK
 from launcher.run.rundir import RESOLVED, RunDir, load_resolved
-
-
-
+from launcher.train.early_stop import history_from, judge
 
 @dataclass(frozen=True)
 class RunRow:
@@ -42,6 +39,7 @@ class RunRow:
     wall_s: float | None
     output: str | None  # the verified export, when finished
     detail: str  # why the status is what it is
+    problem: str | None = None  # a file of the run that could not be read (file:line: why)
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -126,12 +124,16 @@ def total_steps(run_dir: Path) -> int | None:
 def row(run_dir: Path) -> RunRow:
     live = liveness.probe(run_dir)
     status, detail, final = status_of(run_dir, live)
-    records = read_history(run_dir)
-    metric, value, step = best_eval(run_dir, records)
+    try:
+        records = read_history(run_dir)
+        metric, value, step = best_eval(run_dir, records)
+        problem = None
+    except UserInputError as e:  # one damaged run must not hide the others
+        records, (metric, value, step), problem = [], (None, None, None), str(e)
     return RunRow(
         str(run_dir), status, records[-1]["step"] if records else 0, total_steps(run_dir),
         metric, value, step, wall_seconds(run_dir, status == "running"),
-        str(final) if final else None, detail,
+        str(final) if final else None, detail, problem,
     )
 
 
@@ -144,10 +146,11 @@ def table(rows: list[RunRow]) -> str:
         steps = f"{r.steps_done}/{r.steps_total if r.steps_total is not None else '?'}"
         lines.append((r.status, steps, best, wall, r.output or "-", r.run_dir))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join(
+    body = [
         "  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1]
         for line in lines
-    )
+    ]
+    return "\n".join(body + [f"unreadable: {r.problem}" for r in rows if r.problem])
 
 
 def _duration(seconds: float) -> str:
