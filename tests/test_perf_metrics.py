@@ -36,6 +36,7 @@ def test_metrics_have_throughput_mfu_memory_and_time_split(cli, tmp_path):
     assert code == 0, err
     info = json.loads((run_dir / "run_info.json").read_text())
     assert (info["attention"], info["kernels"], info["loss"]) == ("sdpa", "none", "chunked")
+    assert info["packing_layout"] == "length_groups"  # sdpa: no block-diagonal mask
     assert info["peak_flops"] == 0.5e12 and info["flops_per_token"] > 0
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))

@@ -18,8 +18,10 @@ from transformers import (
 )
 
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, TokenizedSplit
-from launcher.data.pack import PackedSplit, collate_packed, flatten_packed, pack_examples
-from launcher.data.batch import collate_padded
+from launcher.data.pack import (
+    PackedSplit, collate_packed, flatten_packed, group_by_length, pack_examples,
+)
+from launcher.data.batch import collate_padded, packing_layout, training_units
 from launcher.model.losses import LossConfig, model_loss_sum
 from launcher.data.batch import Batches
 from tests.conftest import TINY_LLAMA
@@ -103,3 +105,51 @@ def test_sdpa_rows_mask_only_when_they_hold_several_examples(split):
     several = pack_examples(split.lengths(), max_length=16)
     mixed = Batches(split, several, 0, torch.float32, "sdpa").make(np.arange(2), torch.device("cpu"))
     assert mixed["attention_mask"].dim() == 4 and "position_ids" in mixed
+
+
+def test_length_groups_fit_their_budget_and_hold_every_example_once(split):
+    lengths = split.lengths()
+    groups = group_by_length(lengths, budget=20)
+    assert sorted(i for g in groups.rows for i in g) == list(range(len(split)))
+    for g in groups.rows:
+        assert len(g) * max(int(lengths[i]) for i in g) <= 20 or len(g) == 1
+    # longest first: each group's examples are no longer than the previous group's
+    firsts = [int(lengths[g[0]]) for g in groups.rows]
+    assert firsts == sorted(firsts, reverse=True)
+
+
+def test_auto_layout_is_rows_only_for_flash_attention():
+    assert packing_layout("auto", "flash_attention_2") == "rows"
+    assert packing_layout("auto", "sdpa") == "length_groups"
+    assert packing_layout("auto", "eager") == "length_groups"
+    assert packing_layout("rows", "sdpa") == "rows"
+
+
+def test_sdpa_length_groups_need_no_mask_and_match_unpacked_losses(split):
+    """A length group is one right-padded micro batch without any attention mask (sdpa's
+    causal fast path); its summed loss equals the examples run one by one with their masks,
+    and equals the packed rows with a block-diagonal mask."""
+    groups, micro = training_units(split.lengths(), 8, 2, "length_groups")
+    assert micro == 1
+    batches = Batches(split, groups, 0, torch.float32, "sdpa", grouped=True)
+    sdpa = model("sdpa")
+    with torch.no_grad():
+        grouped = sum(
+            model_loss_sum(sdpa, batches.make(np.array([g]), torch.device("cpu")),
+                           LossConfig("chunked", 4))
+            for g in range(len(groups))
+        )
+        one_by_one = sum(
+            model_loss_sum(sdpa, collate_padded(split, [i], pad_id=0), LossConfig("plain"))
+            for i in range(len(split))
+        )
+        rows = pack_examples(split.lengths(), max_length=16)
+        masked = Batches(split, rows, 0, torch.float32, "sdpa").make(
+            np.arange(len(rows)), torch.device("cpu"))
+        with_mask = model_loss_sum(sdpa, masked, LossConfig("plain"))
+    first = batches.make(np.array([0]), torch.device("cpu"))
+    assert set(first) == {"input_ids", "labels"}
+    torch.testing.assert_close(grouped, one_by_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped, with_mask, rtol=1e-5, atol=1e-5)
+    assert sum(batches.tokens(np.array([g])) for g in range(len(groups))) == int(
+        split.lengths().sum())

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.data.pack import PackedSplit, block_diagonal_mask, collate_packed, flatten_packed
+from launcher.data.pack import (
+    PackedSplit,
+    block_diagonal_mask,
+    collate_packed,
+    flatten_packed,
+    group_by_length,
+    pack_examples,
+)
 from launcher.data.tokenized import IGNORE_INDEX, TokenizedSplit
 
 
@@ -85,6 +92,25 @@ def collate_padded(
     return batch
 
 
+def packing_layout(requested: str, attention: str | None) -> str:
+    """What ``data.packing`` builds: concatenated ``rows`` (flash-attn's padding-free varlen
+    layout) or ``length_groups`` (any other kernel: a block-diagonal mask would cost it more
+    than the little padding length groups leave). ``attention`` None: not known here."""
+    if requested != "auto":
+        return requested
+    return "rows" if attention in (None, "flash_attention_2") else "length_groups"
+
+
+def training_units(
+    lengths: np.ndarray, max_length: int, micro_batch_size: int, layout: str
+) -> tuple[PackedSplit, int]:
+    """The packed units and how many of them make a micro batch: ``micro_batch_size`` rows,
+    or one length group of up to ``micro_batch_size`` x ``max_length`` tokens."""
+    if layout == "rows":
+        return pack_examples(lengths, max_length), micro_batch_size
+    return group_by_length(lengths, micro_batch_size * max_length), 1
+
+
 @dataclass(frozen=True)
 class Batches:
     split: TokenizedSplit
@@ -93,6 +119,7 @@ class Batches:
     dtype: torch.dtype
     attention: str
     pad_left: bool = False
+    grouped: bool = False  # packed units are length groups, not concatenated rows
 
     def units(self) -> int:
         return len(self.packed) if self.packed else len(self.split)
@@ -101,9 +128,15 @@ class Batches:
         """Packed rows keep attention inside each example: flash-attn gets one padding-free row
         with varlen boundaries; other kernels a block-diagonal mask, needed only when some row
         holds two or more examples. Otherwise padding only trails each row's one example, and
-        plain causal attention (the fast path) is exact for every real token."""
+        plain causal attention (the fast path) is exact for every real token. Length groups are
+        padded on the right and need no mask either, for the same reason."""
         if self.packed is None:
             batch = collate_padded(self.split, indices, self.pad_id, self.pad_left)
+        elif self.grouped:
+            examples = [i for r in indices for i in self.packed.rows[int(r)]]
+            batch = collate_padded(self.split, examples, self.pad_id, self.pad_left)
+            if not self.pad_left:
+                del batch["attention_mask"]
         else:
             batch = collate_packed(self.split, self.packed, indices, self.pad_id)
             segments = batch.pop("segment_ids")

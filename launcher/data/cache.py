@@ -71,7 +71,7 @@ def cache_key(
     h.update(tokenizer_fingerprint(tokenizer).encode())
     if cfg.format == "chat":
         h.update(str(resolve_chat_template(cfg, tokenizer) or tokenizer.chat_template).encode())
-    relevant = cfg.model_dump(exclude={"packing", "shuffle", "cache_dir"})
+    relevant = cfg.model_dump(exclude={"packing", "packing_layout", "shuffle", "cache_dir"})
     if cfg.val_fraction > 0:
         relevant["split_seed"] = seed  # which rows are held out
     h.update(json.dumps(relevant, sort_keys=True).encode())

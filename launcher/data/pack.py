@@ -39,6 +39,20 @@ def pack_examples(lengths: np.ndarray, max_length: int) -> PackedSplit:
             space.append(max_length - n)
     return PackedSplit(tuple(tuple(sorted(b)) for b in bins))
 
+
+def group_by_length(lengths: np.ndarray, budget: int) -> PackedSplit:
+    """Examples of similar length side by side: longest first, each group as many examples as
+    fit ``budget`` tokens when padded to the group's longest (its first). A group is one micro
+    batch, right-padded: causal attention needs no mask for its real tokens."""
+    order = np.argsort(-lengths, kind="stable").tolist()
+    groups: list[tuple[int, ...]] = []
+    at = 0
+    while at < len(order):
+        fit = max(1, budget // max(int(lengths[order[at]]), 1))
+        groups.append(tuple(order[at : at + fit]))
+        at += fit
+    return PackedSplit(tuple(groups))
+
 def collate_packed(
     split: TokenizedSplit, packed: PackedSplit, row_indices: Sequence[int], pad_id: int
 ) -> dict[str, torch.Tensor]:

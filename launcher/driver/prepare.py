@@ -19,7 +19,7 @@ import torch
 from launcher.data.labels import infer_label_names
 from launcher.data.tokenized import PreparedData
 from launcher.data.read import numeric_fields, read_rows
-from launcher.data.pack import pack_examples
+from launcher.data.batch import packing_layout, training_units
 from launcher.data.pipeline import prepare_data
 from launcher.tasks.distill import check_teacher
 from launcher.recipe.ds_config import resolve_ds_config, zero_stage
@@ -207,6 +207,26 @@ def prepare_offline(recipe: Recipe) -> tuple[Recipe, dict[str, Any]]:
     return recipe, ds_config
 
 
+def check_units(recipe: Recipe, data: PreparedData, attention: str | None) -> int:
+    """The training units (examples, packed rows or length groups); at least one global batch
+    of them, or a UserInputError."""
+    train, cfg = recipe.train, recipe.data
+    units, micro, kind = len(data.train), train.micro_batch_size, "examples"
+    if cfg.packing:
+        layout = packing_layout(cfg.packing_layout, attention)
+        packed, micro = training_units(data.train.lengths(), cfg.max_length, micro, layout)
+        units, kind = len(packed), "packed rows" if layout == "rows" else "length groups"
+    needed = micro * train.grad_accum * recipe.resources.num_workers
+    if units < needed:
+        raise UserInputError(
+            "data.train",
+            f"{units} training {kind} is fewer than one global batch of {needed} "
+            f"({'one' if kind == 'length groups' else 'micro_batch_size'} x grad_accum x "
+            "num_workers)",
+        )
+    return units
+
+
 def prepare(recipe: Recipe) -> Prepared:
     recipe = with_absolute_paths(recipe)
     config = load_model_config(recipe.model)
@@ -230,18 +250,7 @@ def prepare(recipe: Recipe) -> Prepared:
     if recipe.distill is not None:
         check_teacher(recipe, config)
     data = prepare_data(recipe.data, tokenizer, recipe.train.seed, recipe.labels)
-    units = (
-        len(pack_examples(data.train.lengths(), recipe.data.max_length))
-        if recipe.data.packing
-        else len(data.train)
-    )
-    if units < recipe.global_batch_size:
-        kind = "packed rows" if recipe.data.packing else "examples"
-        raise UserInputError(
-            "data.train",
-            f"{units} training {kind} is fewer than one global batch of "
-            f"{recipe.global_batch_size} (micro_batch_size x grad_accum x num_workers)",
-        )
+    units = check_units(recipe, data, attention)
     ds_config = resolve_ds_config(recipe, recipe.resources.num_workers, hidden_size(config))
     check_quantization(recipe, ds_config)
     if not recipe.resources.use_gpu or torch.cuda.is_available():

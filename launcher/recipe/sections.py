@@ -257,8 +257,17 @@ class DataSection(Section):
     )
     packing: bool = Field(
         False,
-        description="Concatenate examples into rows of max_length with attention kept "
-        "inside each example.",
+        description="Lay examples out without the padding of random batches, attention kept "
+        "inside each example (see packing_layout).",
+    )
+    packing_layout: Literal["auto", "rows", "length_groups"] = Field(
+        "auto",
+        description="With packing: rows concatenates examples into rows of max_length "
+        "(flash_attention_2: one padding-free row per micro batch; other kernels: a "
+        "block-diagonal mask); length_groups puts examples of similar length side by side, "
+        "right-padded, one group of at most micro_batch_size x max_length tokens per micro "
+        "batch, with plain causal attention and no mask; auto: rows with flash_attention_2, "
+        "else length_groups.",
     )
     shuffle: bool = Field(True, description="Shuffle the training set every epoch.")
     cache_dir: str | None = Field(

@@ -124,6 +124,10 @@ def log_start(
         "world_size": s.rank.world, "attention": attention, "kernels": kernels.kernels,
         "loss": kernels.loss.kind, "flops_per_token": s.per_token, "peak_flops": s.peak,
         "packed_rows": inputs.batches.units() if s.recipe.data.packing else None,
+        "packing_layout": (
+            ("length_groups" if inputs.batches.grouped else "rows") if s.recipe.data.packing
+            else None
+        ),
         "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in trainable),
         "teacher_parameters": distill.held_parameters(teacher) if teacher else None,
         "predicted_peak_memory_gb": predicted_peak_gb(s.recipe, s.rank.world),

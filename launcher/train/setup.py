@@ -10,8 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher.data.batch import Batches, StepPlan, total_steps
-from launcher.data.pack import pack_examples
+from launcher.data.batch import Batches, StepPlan, packing_layout, total_steps, training_units
 from launcher.data.pipeline import prepare_data
 from launcher.data.tokenized import PreparedData
 from launcher.model.adapters import apply_adapter
@@ -75,14 +74,17 @@ def prepare_inputs(
     layout: BatchLayout, rank: Rank,
 ) -> Inputs:
     data = node_local_first(rank, lambda: prepare_data(cfg, tokenizer, train.seed, labels))
-    packed = pack_examples(data.train.lengths(), cfg.max_length) if cfg.packing else None
+    packed, micro, grouped = None, train.micro_batch_size, False
+    if cfg.packing:
+        kind = packing_layout(cfg.packing_layout, layout.attention)
+        packed, micro = training_units(
+            data.train.lengths(), cfg.max_length, train.micro_batch_size, kind
+        )
+        grouped = kind == "length_groups"
     args = (layout.pad_id, layout.dtype, layout.attention, layout.pad_left)
-    batches = Batches(data.train, packed, *args)
+    batches = Batches(data.train, packed, *args, grouped=grouped)
     validation = Batches(data.validation, None, *args) if data.validation is not None else None
-    plan = StepPlan(
-        batches.units(), train.micro_batch_size, train.grad_accum, rank.world, train.seed,
-        cfg.shuffle,
-    )
+    plan = StepPlan(batches.units(), micro, train.grad_accum, rank.world, train.seed, cfg.shuffle)
     return Inputs(data, batches, validation, plan, total_steps(plan, train.max_steps, train.epochs))
 
 
