@@ -1,26 +1,33 @@
-"""ftlaunch vs the Hugging Face Trainer on the same job, in one command.
+"""ftlaunch vs the trainers people pick instead, on the same job, in one command.
 
-    python benchmarks/vs_hf_trainer.py --mode cpu            # a few minutes on 2 CPU cores
+    python benchmarks/vs_hf_trainer.py --mode cpu            # some minutes on 2 CPU cores
     python benchmarks/vs_hf_trainer.py --mode cpu --quick    # a smoke test (seconds of training)
     python benchmarks/vs_hf_trainer.py --mode gpu            # Llama-3.2-1B full, Llama-3-8B LoRA
 
-Both sides train the same model shape (randomly initialised from the same seed), on the same
-synthetic instruction data (a long-tailed and a fixed-length set, written here), at the same
-sequence length, for the same number of steps with the same constant learning rate, the same
-DeepSpeed ZeRO-2 dict config and the same attention kernel, on the same number of processes
-(torchrun; no Ray). ftlaunch packs examples into rows (``ftlaunch RECIPE --backend torchrun``);
-the Trainer pads each batch with DataCollatorForSeq2Seq, the common default. The global batch
-is the same number of tokens: ftlaunch's packed rows per step hold about as many real tokens as
-the Trainer's examples per step.
+The peers (benchmarks/hf_peer.py): the Hugging Face Trainer with ``group_by_length`` sampling,
+TRL's SFTTrainer with ``bfd`` packing (padding-free) and with padding-free batches of unpacked
+examples, and, as a labelled reference only, the untuned Trainer (random batches padded to
+their longest). Every system trains the same model shape (randomly initialised from the same
+seed), on the same synthetic instruction data (a long-tailed and a fixed-length set, written
+here), at the same sequence length, for the same number of steps with the same constant
+learning rate, the same DeepSpeed ZeRO-2 dict config and the same attention kernel, on the same
+number of processes. The peers run under torchrun; ftlaunch under its default embedded Ray
+(``--backend torchrun`` to compare without Ray). A step holds about the same number of real
+tokens everywhere: packed rows per micro batch (ftlaunch, TRL bfd) are sized from the data's
+mean length so that they hold about as many real tokens as the others' examples.
 
 Throughput counts real (non-padding) tokens on every rank, over the steps after the first
 tenth (warm-up excluded): ``tokens/s`` is the median over steps of the step's tokens over its
 wall time, which other processes on a shared machine disturb far less than the mean
-(``mean tok/s``: all tokens over all time, also printed). On CPU each side runs twice,
-alternating with the other, and its faster run is reported (``--repeats``). Peak memory is
-rank 0's (GPU: max allocated; CPU: max resident set). The final loss of each side is its token-weighted loss on
-the same held-out examples. The last line printed is ``ratio long_tailed=<x> fixed=<y>``:
-ftlaunch tokens/s over Trainer tokens/s.
+(``mean tok/s``: all tokens over all time, also printed). Each system runs ``--repeats`` times
+(CPU: 2), the order rotating between rounds so that load from other processes falls on all;
+every run is printed and each system's fastest run goes into the table. ``first step s`` is
+the time from launching the command to the end of its first step, ``after s`` from the end of
+the last step to the command's exit (it includes the held-out evaluation). Peak memory is
+rank 0's (GPU: max allocated; CPU: max resident set). The final loss of each system is its
+token-weighted loss on the same held-out examples. The last line printed is ``ratio
+long_tailed=<x> fixed=<y>``: ftlaunch tokens/s over the strongest peer's (the reference
+included), named on the lines above it.
 """
 
 from __future__ import annotations
@@ -112,7 +119,7 @@ CPU_JOB = Job(
     median_len=48,
     micro_batch_size=8,
     grad_accum=1,
-    steps=12,
+    steps=16,
     lr=1e-3,
 )
 QUICK_JOB = replace(
@@ -170,6 +177,16 @@ GPU_JOBS = (
 )
 
 
+PEERS = ("hf_grouped", "trl_bfd", "trl_padding_free", "hf_random")
+LABELS = {
+    "ftlaunch": "ftlaunch",
+    "hf_grouped": "HF Trainer, group_by_length",
+    "trl_bfd": "TRL SFTTrainer, packing bfd",
+    "trl_padding_free": "TRL SFTTrainer, padding_free",
+    "hf_random": "HF Trainer, untuned (reference)",
+}
+
+
 @dataclass(frozen=True)
 class Result:
     system: str
@@ -180,19 +197,39 @@ class Result:
     peak_memory_gb: float
     eval_loss: float
     train_loss: float
+    first_step_s: float  # command launched -> end of the first step
+    after_s: float  # end of the last step -> command exited
 
 
-# ---------------------------------------------------------------- running the two systems
+@dataclass(frozen=True)
+class Timeline:
+    launched: float
+    exited: float
+    seen: dict[int, float]  # step -> when its metrics record appeared (ftlaunch)
 
 
-def run(command: list[str], log: Path, env: dict[str, str]) -> None:
+# ---------------------------------------------------------------- running the systems
+
+
+def run(command: list[str], log: Path, env: dict[str, str], follow: Path | None = None) -> Timeline:
+    """Run ``command``; when ``follow`` is a metrics.jsonl, note when each step's record
+    appears in it (polled every 20 ms)."""
+    seen: dict[int, float] = {}
+    launched = time.time()
     with log.open("w") as out:
-        code = subprocess.run(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, check=False
-        ).returncode
-    if code != 0:
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if follow is not None and follow.exists():
+                now = time.time()
+                for line in follow.read_text().splitlines():
+                    if line.endswith("}") and '"tokens"' in line:
+                        seen.setdefault(json.loads(line)["step"], now)
+            time.sleep(0.02)
+    exited = time.time()
+    if proc.returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-40:])
-        raise SystemExit(f"{command[:4]}... failed with exit code {code}; log {log}:\n{tail}")
+        raise SystemExit(f"{command[:4]}... failed with exit code {proc.returncode}; log {log}:\n{tail}")
+    return Timeline(launched, exited, seen)
 
 
 def warm(steps: int) -> int:
@@ -200,9 +237,9 @@ def warm(steps: int) -> int:
     return max(1, steps // 10)
 
 
-def ftlaunch_batch(job: Job, mean_len: float) -> tuple[int, int]:
+def packed_batch(job: Job, mean_len: float) -> tuple[int, int]:
     """Packed rows per micro step and micro steps per optimizer step such that a step holds
-    about as many real tokens as the Trainer's examples per step."""
+    about as many real tokens as the unpacked systems' examples per step."""
     step_tokens = job.micro_batch_size * job.grad_accum * mean_len
     rows = max(1, round(job.micro_batch_size * mean_len / job.seq_len))
     return rows, max(1, round(step_tokens / (rows * job.seq_len)))
@@ -253,25 +290,23 @@ def ftlaunch_recipe(
 
 
 def run_ftlaunch(
-    job: Job,
-    dataset: str,
-    data: dict[str, Path],
-    batch: tuple[int, int],
-    work: Path,
-    env: dict[str, str],
+    job: Job, dataset: str, data: dict[str, Path], batch: tuple[int, int], work: Path,
+    env: dict[str, str], backend: str,
 ) -> tuple[Result, dict[str, Any], str]:
     recipe_path = work / f"ftlaunch_{dataset}.yaml"
     recipe_path.write_text(yaml.safe_dump(ftlaunch_recipe(job, dataset, data, batch, work)))
-    run(
-        [sys.executable, "-m", "launcher.cli", str(recipe_path), "--backend", "torchrun"],
+    run_dir = work / f"ftlaunch_{dataset}"
+    timeline = run(
+        [sys.executable, "-m", "launcher.cli", str(recipe_path), "--backend", backend],
         work / f"ftlaunch_{dataset}.log",
         env,
+        follow=run_dir / "metrics.jsonl",
     )
-    run_dir = work / f"ftlaunch_{dataset}"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "tokens" in r][warm(job.steps) :]
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
     tokens = sum(r["tokens"] for r in steps)
+    last = timeline.seen.get(job.steps, timeline.exited)
     result = Result(
         "ftlaunch",
         dataset,
@@ -281,29 +316,26 @@ def run_ftlaunch(
         steps[-1]["peak_memory_gb"],
         records[-1]["eval_loss"],
         sum(r["loss"] for r in steps[-5:]) / len(steps[-5:]),
+        timeline.seen.get(1, math.nan) - timeline.launched,
+        timeline.exited - last,
     )
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     attention = json.loads((run_dir / "run_info.json").read_text())["attention"]
     return result, ds_config, attention
 
 
-def run_trainer(
-    job: Job,
-    dataset: str,
-    data: dict[str, Path],
-    ds_config: dict[str, Any],
-    attention: str,
-    work: Path,
-    env: dict[str, str],
-) -> Result:
-    out = work / f"hf_{dataset}"
-    out.mkdir(exist_ok=True)
+def peer_spec(
+    job: Job, peer: str, data: dict[str, Path], packed: tuple[int, int], ds_config: dict[str, Any],
+    attention: str, out: Path,
+) -> dict[str, Any]:
     batch_keys = (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",
         "gradient_accumulation_steps",
     )
-    spec = {
+    micro, accum = packed if peer == "trl_bfd" else (job.micro_batch_size, job.grad_accum)
+    return {
+        "peer": peer,
         "out_dir": str(out),
         "use_gpu": job.use_gpu,
         "tokenizer": str(data["tokenizer"]),
@@ -315,16 +347,24 @@ def run_trainer(
         "dtype": job.dtype,
         "attention": attention,
         "lora": job.lora,
-        "micro_batch_size": job.micro_batch_size,
-        "grad_accum": job.grad_accum,
+        "seq_len": job.seq_len,
+        "micro_batch_size": micro,
+        "grad_accum": accum,
         "steps": job.steps,
         "lr": job.lr,
         "gradient_checkpointing": job.gradient_checkpointing,
         "ds_config": ds_config | dict.fromkeys(batch_keys, "auto"),
     }
+
+
+def run_peer(
+    job: Job, peer: str, dataset: str, spec: dict[str, Any], work: Path, env: dict[str, str]
+) -> Result:
+    out = Path(spec["out_dir"])
+    out.mkdir(exist_ok=True)
     spec_path = out / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    run(
+    timeline = run(
         [
             sys.executable,
             "-m",
@@ -334,7 +374,7 @@ def run_trainer(
             str(ROOT / "benchmarks" / "hf_peer.py"),
             str(spec_path),
         ],
-        work / f"hf_{dataset}.log",
+        work / f"{peer}_{dataset}.log",
         env,
     )
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(job.workers)]
@@ -344,7 +384,7 @@ def run_trainer(
     rates = [n / (ends[i + 1] - ends[i]) for i, n in zip(range(first, job.steps), per_step)]
     losses = ranks[0]["losses"][-5:]
     return Result(
-        "hf_trainer",
+        peer,
         dataset,
         statistics.median(rates),
         sum(per_step) / (ends[-1] - ends[first]),
@@ -352,6 +392,8 @@ def run_trainer(
         ranks[0]["peak_memory_gb"],
         ranks[0]["eval_loss"],
         sum(losses) / len(losses),
+        ends[1] - timeline.launched,
+        timeline.exited - ends[-1],
     )
 
 
@@ -388,34 +430,41 @@ def peak_flops(job: Job, peak_tflops: float | None) -> float | None:
     return table_peak_flops(torch.cuda.get_device_name())
 
 
-def report(job: Job, results: list[Result], peak: float | None) -> dict[str, float]:
+def report(
+    job: Job, results: list[Result], peak: float | None, datasets: list[str]
+) -> dict[str, float]:
     print(
         f"\n# {job.name}: seq {job.seq_len}, {job.steps} steps, {job.workers} processes, "
         f"{job.dtype}, {job.method}"
     )
     print(
-        f"{'system':<11} {'dataset':<12} {'tokens/s':>10} {'mean tok/s':>10} {'tokens/step':>11} "
-        f"{'peak_mem_GB':>11} {'eval_loss':>9} {'train_loss':>10} {'MFU':>6}"
+        f"{'system':<16} {'dataset':<12} {'tokens/s':>10} {'mean tok/s':>10} {'tokens/step':>11} "
+        f"{'peak_mem_GB':>11} {'eval_loss':>9} {'train_loss':>10} {'first_step_s':>12} "
+        f"{'after_s':>7} {'MFU':>6}"
     )
     for r in results:
         m = mfu_of(job, r.tokens_per_s, peak)
         print(
-            f"{r.system:<11} {r.dataset:<12} {r.tokens_per_s:>10,.0f} {r.mean_tokens_per_s:>10,.0f} "
+            f"{r.system:<16} {r.dataset:<12} {r.tokens_per_s:>10,.0f} {r.mean_tokens_per_s:>10,.0f} "
             f"{r.tokens_per_step:>11,.0f} {r.peak_memory_gb:>11.2f} {r.eval_loss:>9.4f} "
-            f"{r.train_loss:>10.4f} {'-' if m is None else f'{100 * m:.1f}%':>6}"
+            f"{r.train_loss:>10.4f} {r.first_step_s:>12.1f} {r.after_s:>7.1f} "
+            f"{'-' if m is None else f'{100 * m:.1f}%':>6}"
         )
     ratios = {}
-    for dataset in DATASETS:
-        ours, theirs = (
-            next(r for r in results if r.system == s and r.dataset == dataset)
-            for s in ("ftlaunch", "hf_trainer")
-        )
-        ratios[dataset] = ours.tokens_per_s / theirs.tokens_per_s
-        print(
-            f"{dataset}: tokens/s x{ratios[dataset]:.2f}, peak memory x"
-            f"{ours.peak_memory_gb / theirs.peak_memory_gb:.2f}, eval loss "
-            f"{ours.eval_loss:.4f} vs {theirs.eval_loss:.4f}"
-        )
+    for dataset in datasets:
+        ours = next(r for r in results if r.system == "ftlaunch" and r.dataset == dataset)
+        peers = [r for r in results if r.system != "ftlaunch" and r.dataset == dataset]
+        strongest = max(peers, key=lambda r: r.tokens_per_s)
+        ratios[dataset] = ours.tokens_per_s / strongest.tokens_per_s
+        for r in sorted(peers, key=lambda r: -r.tokens_per_s):
+            print(
+                f"{dataset}: vs {r.system} ({LABELS[r.system]}): tokens/s "
+                f"x{ours.tokens_per_s / r.tokens_per_s:.2f} (mean tok/s "
+                f"x{ours.mean_tokens_per_s / r.mean_tokens_per_s:.2f}), peak memory "
+                f"x{ours.peak_memory_gb / r.peak_memory_gb:.2f}, eval loss "
+                f"{ours.eval_loss:.4f} vs {r.eval_loss:.4f}"
+            )
+        print(f"{dataset}: strongest peer {strongest.system}")
     return ratios
 
 
@@ -427,43 +476,65 @@ def best(results: list[Result]) -> Result:
     return max(results, key=lambda r: r.tokens_per_s)
 
 
-def run_job(job: Job, work: Path, repeats: int, peak_tflops: float | None) -> dict[str, float]:
-    """Both systems on both datasets, alternating ftlaunch and the Trainer ``repeats`` times so
-    that load from other processes falls on both; each side's best run is reported."""
+def run_round(
+    job: Job, dataset: str, data: dict[str, Path], packed: tuple[int, int], out: Path,
+    env: dict[str, str], backend: str, order: list[str], setup: tuple[dict, str] | None,
+) -> tuple[list[Result], tuple[dict, str] | None]:
+    """Every system once, in ``order``. The peers take ftlaunch's DeepSpeed config and
+    attention kernel (``setup``, from an earlier round, or from this round's ftlaunch run)."""
+    results = []
+    for system in order:
+        if system == "ftlaunch":
+            ours, ds_config, attention = run_ftlaunch(job, dataset, data, packed, out, env, backend)
+            results.append(ours)
+            setup = (ds_config, attention)
+        else:
+            assert setup is not None
+            spec = peer_spec(job, system, data, packed, *setup, out / f"{system}_{dataset}")
+            results.append(run_peer(job, system, dataset, spec, out, env))
+    return results, setup
+
+
+def run_job(
+    job: Job, work: Path, repeats: int, peak_tflops: float | None, backend: str,
+    datasets: list[str],
+) -> dict[str, float]:
+    """Every system on both datasets, ``repeats`` rounds; ftlaunch opens round 0 and the peers'
+    order turns round by round (round 1 runs them in reverse, ftlaunch last), so that load from
+    other processes falls on all; each system's best run is reported."""
     shutil.rmtree(work, ignore_errors=True)  # a leftover run directory would only be resumed
     work.mkdir(parents=True)
     env = os.environ | {
         "FTLAUNCH_CACHE": str(work / "cache"),
         "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     inputs = {
         "tokenizer": build_tokenizer(job.vocab_size, work / "tokenizer"),
         "cache": work / "cache",
     }
     results = []
-    for dataset in DATASETS:
+    for dataset in datasets:
         spec = LengthSpec(dataset, job.seq_len, job.median_len)
         train, validation, mean_len = write_dataset(
             spec, job.train_examples(), 64, job.vocab_size, job.seed, work
         )
         data = inputs | {"train": train, "validation": validation}
-        batch = ftlaunch_batch(job, mean_len)
-        runs: dict[str, list[Result]] = {"ftlaunch": [], "hf_trainer": []}
+        packed = packed_batch(job, mean_len)
+        runs: dict[str, list[Result]] = {s: [] for s in ("ftlaunch", *PEERS)}
+        setup = None
         for repeat in range(repeats):
             out = work / f"round{repeat}"
             out.mkdir(exist_ok=True)
-            ours, ds_config, attention = run_ftlaunch(job, dataset, data, batch, out, env)
-            runs["ftlaunch"].append(ours)
-            runs["hf_trainer"].append(
-                run_trainer(job, dataset, data, ds_config, attention, out, env)
-            )
+            order = [*reversed(PEERS), "ftlaunch"] if repeat % 2 else ["ftlaunch", *PEERS]
+            done, setup = run_round(job, dataset, data, packed, out, env, backend, order, setup)
+            for r in done:
+                runs[r.system].append(r)
         for system, rs in runs.items():
-            if repeats > 1:
-                rates = ", ".join(f"{r.tokens_per_s:,.0f}" for r in rs)
-                print(f"# {system} {dataset}: tokens/s per run {rates}")
+            rates = ", ".join(f"{r.tokens_per_s:,.0f}" for r in rs)
+            firsts = ", ".join(f"{r.first_step_s:.1f}" for r in rs)
+            print(f"# {system} {dataset}: tokens/s per run {rates}; first step s {firsts}")
             results.append(best(rs))
-    return report(job, results, peak_flops(job, peak_tflops))
+    return report(job, results, peak_flops(job, peak_tflops), datasets)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -472,7 +543,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny model and a few steps (CPU)")
     parser.add_argument("--steps", type=int, help="override the number of optimizer steps")
     parser.add_argument(
-        "--repeats", type=int, help="runs per system and dataset, best reported (CPU: 2, else 1)"
+        "--repeats", type=int, help="rounds per dataset, best run reported (CPU: 2, else 1)"
+    )
+    parser.add_argument(
+        "--backend", choices=("ray", "torchrun"), default="ray", help="ftlaunch's backend"
+    )
+    parser.add_argument(
+        "--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="default: both"
     )
     parser.add_argument("--jobs", nargs="*", help="GPU mode: job names to run (default: all)")
     parser.add_argument(
@@ -493,11 +570,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.steps:
         jobs = [replace(j, steps=args.steps) for j in jobs]
     started = time.time()
-    print(f"# ftlaunch vs Hugging Face Trainer, mode {args.mode}, workdir {args.workdir}")
+    print(f"# ftlaunch vs its peers, mode {args.mode}, workdir {args.workdir}")
+    print(f"# load at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     repeats = args.repeats or (2 if args.mode == "cpu" and not args.quick else 1)
-    ratios = [run_job(job, args.workdir / job.name, repeats, args.peak_tflops) for job in jobs]
+    ratios = [
+        run_job(job, args.workdir / job.name, repeats, args.peak_tflops, args.backend, args.datasets)
+        for job in jobs
+    ]
+    print(f"# load at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     print(f"\n# wall time {time.time() - started:.0f} s; ratio line: {jobs[0].name}")
-    print(f"ratio long_tailed={ratios[0]['long_tailed']:.2f} fixed={ratios[0]['fixed']:.2f}")
+    print("ratio " + " ".join(f"{d}={r:.2f}" for d, r in ratios[0].items()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""The ftlaunch-vs-Trainer benchmark runs end to end in its quick CPU configuration."""
+"""The ftlaunch-vs-peers benchmark runs end to end in its quick CPU configuration: ftlaunch
+(torchrun backend, to keep it short), the HF Trainer with group_by_length and untuned, TRL's
+SFTTrainer with bfd packing and padding-free."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.timeout(1200)  # four trainings; a loaded 2-core box with -n 2 doubles their time
-def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
+@pytest.mark.timeout(1800)  # ten trainings; a loaded 2-core box with -n 2 doubles their time
+def test_quick_cpu_benchmark_prints_every_system_and_the_ratio(tmp_path):
     command = [
         sys.executable,
         str(ROOT / "benchmarks" / "vs_hf_trainer.py"),
@@ -26,21 +28,20 @@ def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
         "--quick",
         "--steps",
         "10",  # enough for the held-out loss to fall clearly below the untrained loss
+        "--backend",
+        "torchrun",
         "--workdir",
         str(tmp_path),
     ]
     done = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, timeout=1100, check=False
+        command, cwd=ROOT, capture_output=True, text=True, timeout=1700, check=False
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
-    rows = [line.split() for line in lines if line.startswith(("ftlaunch ", "hf_trainer "))]
-    assert sorted((r[0], r[1]) for r in rows) == [
-        ("ftlaunch", "fixed"),
-        ("ftlaunch", "long_tailed"),
-        ("hf_trainer", "fixed"),
-        ("hf_trainer", "long_tailed"),
-    ]
+    systems = ("ftlaunch", "hf_grouped", "trl_bfd", "trl_padding_free", "hf_random")
+    rows = [line.split() for line in lines if line.split()[:1] and line.split()[0] in systems]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (s, d) for s in systems for d in ("long_tailed", "fixed"))
     for row in rows:
         tokens_per_s, mean_tokens_per_s, memory, eval_loss = (
             float(row[2].replace(",", "")),
@@ -49,12 +50,18 @@ def test_quick_cpu_benchmark_prints_both_systems_and_the_ratio(tmp_path):
             float(row[6]),
         )
         assert tokens_per_s > 0 and mean_tokens_per_s > 0 and memory > 0
+        first_step_s, after_s = float(row[8]), float(row[9])
+        assert 0 < first_step_s < 1700 and 0 < after_s < 1700, row
         first_loss, rates = measured(tmp_path, row[0], row[1])
         # it trained: the held-out loss after the run is below the first step's training loss,
         # which the untrained model gave (about ln(vocab) for a random model)
         assert eval_loss < min(first_loss) - 0.05, (row, first_loss)
         # the reported median tokens/s is that of one of the runs, from its own step records
         assert any(abs(tokens_per_s - r) <= 0.5 for r in rates), (row, rates)
+    for dataset in ("long_tailed", "fixed"):  # the ratio is taken against the fastest peer
+        peers = {r[0]: float(r[2].replace(",", "")) for r in rows if r[1] == dataset and r[0] != "ftlaunch"}
+        strongest = max(peers, key=peers.get)
+        assert f"{dataset}: strongest peer {strongest}" in lines
     assert re.fullmatch(r"ratio long_tailed=\d+\.\d\d fixed=\d+\.\d\d", lines[-1])
 
 
@@ -70,7 +77,7 @@ def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[f
             first.append(steps[0]["loss"])
             rates.append(statistics.median(r["tokens_per_s"] for r in steps[1:]))
         else:
-            rank0 = json.loads((round_dir / f"hf_{dataset}" / "rank0.json").read_text())
+            rank0 = json.loads((round_dir / f"{system}_{dataset}" / "rank0.json").read_text())
             first.append(rank0["losses"][0])
             ends, counts = rank0["step_ends"], rank0["tokens_per_step"]
             rates.append(statistics.median(
