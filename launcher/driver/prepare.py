@@ -220,9 +220,9 @@ def check_units(recipe: Recipe, data: PreparedData, attention: str | None) -> in
     if units < needed:
         raise UserInputError(
             "data.train",
-            f"{units} training {kind} is fewer than one global batch of {needed} "
-            f"({'one' if kind == 'length groups' else 'micro_batch_size'} x grad_accum x "
-            "num_workers)",
+            f"{units} training {kind} is fewer than one global batch of {needed} ("
+            f"{'one length group per micro batch' if kind == 'length groups' else 'micro_batch_size'}"
+            " x grad_accum x num_workers)",
         )
     return units
 
