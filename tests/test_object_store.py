@@ -291,3 +291,33 @@ def test_retention_in_the_bucket_keeps_foreign_objects(s3):
     assert objects(store, "checkpoints/step_00000002") == {"user-notes.txt": 1}
     assert "user-notes.txt" in warned[0]
 
+
+def test_preflight_storage_check_goes_through_the_bucket(s3, tmp_path, monkeypatch):
+    """On a cluster the storage check proves every node reaches the bucket: the driver's and
+    each node's token are objects under output_dir/.preflight/; a node that cannot reach the
+    store fails the check, named."""
+    import dataclasses
+
+    from launcher.driver.preflight import Node, evaluate, inspect_node
+    from launcher.driver.preflight.node import read_token, remove_files, share_of, write_token
+    from launcher.recipe.load import validate_recipe
+
+    uri = f"s3://{BUCKET}/runs/preflight"
+    two_nodes = {"num_workers": 2, "use_gpu": False, "placement_strategy": "STRICT_SPREAD"}
+    recipe = validate_recipe(spec(uri, resources=two_nodes), "r.yaml", {})
+    share = share_of(uri)
+    write_token(share, "driver-t", "t")
+    here = inspect_node(share, "t", "a-t")
+    assert here.write_error is None and here.sees_driver_token
+    assert here.token_file == f"{share}/node-a-t" and read_token(share, "node-a-t") == "a-t"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    cut_off = inspect_node(share, "t", "b-t")
+    assert cut_off.write_error and not cut_off.sees_driver_token
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3["AWS_ENDPOINT_URL"])
+    nodes = [Node("a" * 56, "10.0.0.1", {"CPU": 1}, True), Node("b" * 56, "10.0.0.2", {"CPU": 1}, False)]
+    failures = evaluate(recipe, nodes, {"a" * 56: here, "b" * 56: dataclasses.replace(
+        cut_off, write_error=None)}, {"a" * 56: True, "b" * 56: False}, "a" * 56)
+    assert [(f.node, f.check) for f in failures] == [("10.0.0.2/bbbbbbbb", "storage")]
+    assert "object store" in str(failures[0]) and share in str(failures[0])
+    remove_files([here.token_file, f"{share}/driver-t"], [])
+    assert objects(Store(uri)) == {}
