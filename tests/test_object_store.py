@@ -131,10 +131,12 @@ def killed_run(s3, tmp_path_factory):
 
 def test_bad_output_dir_exits_2_naming_it(cli, tmp_path):
     for bad, says in [("foo://b/x", "unknown scheme"), ("s3:///x", "names no bucket"),
-                      ("s3://B_b/x", "not a valid bucket"), ("gs://bkt/a/../b", "'..'")]:
+                      ("s3://B_b/x", "not a valid bucket"), ("gs://bkt/a/../b", "'..'"),
+                      ("s3://AKIA:hunter2@bkt/x", "holds credentials")]:
         path = write_recipe(tmp_path / "r.yaml", spec(bad))
         code, _, err = cli("check", path, "--offline")
         assert code == 2 and "output_dir" in err and says in err, err
+        assert "hunter2" not in err
     for command in ("runs", "chat"):
         with pytest.raises(SystemExit) as exit_:
             cli(command, f"s3://{BUCKET}/runs/x")

@@ -23,6 +23,9 @@ def uri_problem(output_dir: str) -> str | None:
         return (f"unknown scheme '{scheme}://' (object storage: s3://BUCKET/PREFIX or "
                 "gs://BUCKET/PREFIX; a local or shared-filesystem run directory: a path)")
     bucket, _, prefix = rest.partition("/")
+    if "@" in bucket:  # s3://KEY:SECRET@bucket: never echoed, never stored
+        return ("holds credentials before '@': a recipe is stored in plain text; set them in "
+                "the environment of every node (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...)")
     if not bucket:
         return f"'{output_dir}' names no bucket (expected {scheme}://BUCKET/PREFIX)"
     if not BUCKET_RE.match(bucket):
