@@ -323,3 +323,17 @@ def test_preflight_storage_check_goes_through_the_bucket(s3, tmp_path, monkeypat
     assert "object store" in str(failures[0]) and share in str(failures[0])
     remove_files([here.token_file, f"{share}/driver-t"], [])
     assert objects(Store(uri)) == {}
+
+
+def test_each_file_is_hashed_and_uploaded_by_a_rank_that_holds_it():
+    """On one shared directory the split is the old share(); on node-local disks (ranks 0-1
+    on one node, 2-3 on another) every file goes to exactly one rank of a node holding it."""
+    from launcher.checkpoint.commit import owned, share
+
+    files = [f"f{i}" for i in range(7)]
+    assert [owned([files] * 3, r) for r in range(3)] == [share(files, r, 3) for r in range(3)]
+    node_a, node_b = ["a0", "a1", "a2", "m"], ["b0", "b1"]
+    listings = [node_a, node_a, node_b, node_b]
+    mine = [owned(listings, r) for r in range(4)]
+    assert sorted(sum(mine, [])) == sorted(node_a + node_b)
+    assert all(set(mine[r]) <= set(listings[r]) for r in range(4))
