@@ -30,6 +30,6 @@ def test_held_lines_stay_held_until_the_run_log_opens(capsys, tmp_path):
         assert capsys.readouterr().err == ""
         console.attach(tmp_path)
         assert capsys.readouterr().err == ""
-    text = (tmp_path / console.LOG_NAME).read_text()
+    text = (tmp_path / "driver.log").read_text()
     assert "Started a local Ray instance." in text and "Token authentication" in text
     assert capsys.readouterr().err == ""

@@ -29,7 +29,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-LOG_NAME = "driver.log"
+from launcher.run.rundir import RunDir
+
 PREFIX = "[ftlaunch]"
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 ROUTED_LOGGERS = ("py.warnings", "ray", "DeepSpeed")
@@ -181,7 +182,7 @@ def _progress_bars(on: bool) -> bool:
 
 def attach(run_dir: Path) -> Path:
     """Start writing driver.log (the run directory exists now); returns its path."""
-    path = run_dir / LOG_NAME
+    path = RunDir(run_dir).driver_log
     if _current is not None:
         _current.open(path)
     return path

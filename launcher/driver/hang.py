@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from launcher.recipe import ResourcesSection
-from launcher.train.hang import HANG_DIR
+from launcher.run.rundir import RunDir
 
 GATHER_S = 10.0
 LIVE = re.compile(r"\.rank(\d+)\.live")
@@ -30,7 +30,7 @@ class HangWatcher:
         self, run_dir: Path, resources: ResourcesSection, stream: TextIO | None = None,
         interval: float = 1.0,
     ):
-        self.dir = run_dir / HANG_DIR
+        self.dir = RunDir(run_dir).hang
         self.world, self.seconds = resources.num_workers, resources.hang_dump_s or 0.0
         self.stream, self.interval = stream, interval
         self._seen: dict[int, tuple[int, int]] = {}  # rank -> (mtime_ns, size) already handled

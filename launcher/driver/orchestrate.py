@@ -215,7 +215,7 @@ def fit(
         raise TrainingFailed(
             f"{attempts} attempt(s) failed (checkpoint.max_failures={max_failures}); "
             f"last error: {_root_cause(error)} (the workers' output is in "
-            f"{run_dir / console.LOG_NAME})"
+            f"{RunDir(run_dir).driver_log})"
         ) from error
     if error is not None and not signals.stopping:
         raise error

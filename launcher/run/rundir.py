@@ -64,6 +64,14 @@ class RunDir:
     def final(self) -> Path:  # the exported model
         return self.path / "final"
 
+    @property
+    def driver_log(self) -> Path:  # what the run printed that is not for people
+        return self.path / "driver.log"
+
+    @property
+    def hang(self) -> Path:  # stack dumps when no step completes (resources.hang_dump_s)
+        return self.path / "hang"
+
     ray_storage_name = "ray"  # Ray Train's own run state, under the run directory
 
     def fault_marker(self, kind: str, step: int | str) -> Path:

@@ -15,11 +15,10 @@ import faulthandler
 from pathlib import Path
 from typing import IO
 
-HANG_DIR = "hang"
-
+from launcher.run.rundir import RunDir
 
 def live_path(run_dir: Path, rank: int) -> Path:
-    return run_dir / HANG_DIR / f".rank{rank}.live"
+    return RunDir(run_dir).hang / f".rank{rank}.live"
 
 
 class StepWatch:
