@@ -97,8 +97,8 @@ def test_cache_round_trip_keeps_targets(tmp_path, tokenizer):
     enc, _ = encode_rows(rows({"text": "one", "label": ["a"]}), section("classification"), tokenizer,
                          LabelsSection(names=["a", "b"], problem_type="multi_label"))
     split = TokenizedSplit.from_examples(enc)
-    split.save(tmp_path / "s.npz")
-    loaded = TokenizedSplit.load(tmp_path / "s.npz")
+    split.save(tmp_path, "s")
+    loaded = TokenizedSplit.load(tmp_path, "s")
     assert loaded.targets.tolist() == [[1.0, 0.0]] and loaded.token_type_ids is None
 
 

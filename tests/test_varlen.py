@@ -99,7 +99,7 @@ def test_varlen_batches_reach_attention_and_match_unpacked_losses(split):
 
 
 def test_sdpa_rows_mask_only_when_they_hold_several_examples(split):
-    one_each = PackedSplit(tuple((i,) for i in range(len(split))))
+    one_each = PackedSplit.from_rows(tuple((i,) for i in range(len(split))))
     single = Batches(split, one_each, 0, torch.float32, "sdpa").make(np.arange(3), torch.device("cpu"))
     assert set(single) == {"input_ids", "labels"}  # plain causal attention
     several = pack_examples(split.lengths(), max_length=16)

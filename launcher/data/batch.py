@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,11 +46,7 @@ class StepPlan:
 
     def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = (
-            np.random.default_rng([self.seed, epoch]).permutation(self.num_units)
-            if self.shuffle
-            else np.arange(self.num_units)
-        )
+        order = epoch_order(self.num_units, self.seed, epoch, self.shuffle)
         batch = order[k * self.global_batch : (k + 1) * self.global_batch]
         per_rank = self.micro_batch_size * self.grad_accum
         mine = batch[rank * per_rank : (rank + 1) * per_rank]
@@ -57,6 +54,14 @@ class StepPlan:
             mine[m * self.micro_batch_size : (m + 1) * self.micro_batch_size]
             for m in range(self.grad_accum)
         ]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(num_units: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The units in the order epoch ``epoch`` visits them: drawn once per epoch, not per step."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_units) if shuffle else np.arange(num_units)
+    order.setflags(write=False)
+    return order
 
 
 def total_steps(plan: StepPlan, max_steps: int | None, epochs: float) -> int:
@@ -133,7 +138,7 @@ class Batches:
         if self.packed is None:
             batch = collate_padded(self.split, indices, self.pad_id, self.pad_left)
         elif self.grouped:
-            examples = [i for r in indices for i in self.packed.rows[int(r)]]
+            examples = [i for r in indices for i in self.packed.row(int(r)).tolist()]
             batch = collate_padded(self.split, examples, self.pad_id, self.pad_left)
             if not self.pad_left:
                 del batch["attention_mask"]
@@ -153,4 +158,4 @@ class Batches:
         lengths = self.split.lengths()
         if self.packed is None:
             return int(lengths[indices].sum())
-        return int(sum(lengths[list(self.packed.rows[int(r)])].sum() for r in indices))
+        return int(sum(lengths[self.packed.row(int(r))].sum() for r in indices))

@@ -1,6 +1,7 @@
 """The tokenized-data cache: a key hashing the data bytes, the tokenizer's files, the chat
-template, the split seed and every setting that changes the tokens; entries written atomically
-and verified against their checksums on load."""
+template, the split seed and every setting that changes the tokens; entries (one ``.npy`` file
+per array, memory-mapped by every process that reads them) published atomically and verified
+against their checksums before use."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection, DataSource, LabelsSection
 
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"  # 3: one memory-mapped .npy file per array
 
 def _hash_source(h: Any, source: DataSource) -> bool:
     """Feed a source's identity into ``h``: local files by name and contents, a hub dataset
@@ -71,7 +72,7 @@ def cache_key(
     h.update(tokenizer_fingerprint(tokenizer).encode())
     if cfg.format == "chat":
         h.update(str(resolve_chat_template(cfg, tokenizer) or tokenizer.chat_template).encode())
-    relevant = cfg.model_dump(exclude={"packing", "packing_layout", "shuffle", "cache_dir"})
+    relevant = cfg.model_dump(exclude={"packing", "packing_layout", "shuffle", "cache_dir", "num_proc"})
     if cfg.val_fraction > 0:
         relevant["split_seed"] = seed  # which rows are held out
     h.update(json.dumps(relevant, sort_keys=True).encode())
@@ -84,55 +85,59 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
 
 def read_cache(entry: Path) -> PreparedData | None:
-    """The cached splits, or None when the entry is missing or does not match the checksums
-    its meta.json records (a crash mid-write, a truncated or altered file): it is rebuilt."""
+    """The cached splits, memory-mapped, or None when the entry is missing or does not match
+    the checksums its meta.json records (a crash mid-write, a truncated or altered file): it
+    is rebuilt. Every file is hashed before it is mapped."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         for name, digest in meta["files"].items():
             if sha256_file(entry / name) != digest:
                 return None
-        train = TokenizedSplit.load(entry / "train.npz")
-        val = TokenizedSplit.load(entry / "validation.npz") if meta["has_validation"] else None
+        names = ("train", "validation") if meta["has_validation"] else ("train",)
+        if not all(f"{n}.{a}.npy" in meta["files"] for n in names for a in REQUIRED):
+            return None
+        splits = [TokenizedSplit.load(entry, n) for n in names]
         stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
     except (OSError, ValueError, KeyError, TypeError):  # absent, garbled or from another version
         return None
-    if not all(_consistent(split) for split in (train, val) if split is not None):
+    if not all(_consistent(split) for split in splits):
         return None
-    return PreparedData(train, val, stats)
+    return PreparedData(splits[0], splits[1] if len(splits) > 1 else None, stats)
+
+
+REQUIRED = ("input_ids", "labels", "offsets")
 
 
 def _consistent(split: TokenizedSplit) -> bool:
     offsets = split.offsets
+    tokens = len(split.input_ids)
     return (
-        len(offsets) >= 1 and int(offsets[0]) == 0 and bool(np.all(np.diff(offsets) >= 0))
-        and int(offsets[-1]) == len(split.input_ids) == len(split.labels)
+        offsets.ndim == 1 and len(offsets) >= 1 and int(offsets[0]) == 0
+        and bool(np.all(np.diff(offsets) >= 0))
+        and int(offsets[-1]) == tokens == len(split.labels)
+        and (split.targets is None or len(split.targets) == len(split))
+        and (split.token_type_ids is None or len(split.token_type_ids) == tokens)
     )
 
 
-def _write_cache(entry: Path, prepared: PreparedData) -> None:
-    """Write into a temp dir beside the entry, fsync, and rename, so no reader (and no later
-    run after a crash) sees half a cache; a corrupt entry in the way is replaced."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}."))
-    try:
-        names = ["train.npz"]
-        prepared.train.save(tmp / "train.npz")
-        if prepared.validation is not None:
-            prepared.validation.save(tmp / "validation.npz")
-            names.append("validation.npz")
-        meta = {
-            "has_validation": prepared.validation is not None,
-            "stats": {k: v.__dict__ for k, v in prepared.stats.items()},
-            "files": {name: sha256_file(tmp / name) for name in names},
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        for name in [*names, "meta.json"]:
-            fsync_path(tmp / name)
-        fsync_path(tmp)
-        _move_into_place(tmp, entry)
-        fsync_path(entry.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_meta(entry: Path, prepared_stats: dict[str, SplitStats], checksums: dict[str, str]) -> None:
+    meta = {
+        "has_validation": "validation" in prepared_stats,
+        "stats": {k: v.__dict__ for k, v in prepared_stats.items()},
+        "files": checksums,
+    }
+    (entry / "meta.json").write_text(json.dumps(meta))
+
+
+def publish(tmp: Path, entry: Path) -> None:
+    """fsync a finished entry written in ``tmp`` (beside ``entry``) and rename it into place,
+    so no reader (and no later run after a crash) sees half a cache; an intact entry another
+    process published first wins, a corrupt one in the way is replaced."""
+    for path in tmp.iterdir():
+        fsync_path(path)
+    fsync_path(tmp)
+    _move_into_place(tmp, entry)
+    fsync_path(entry.parent)
 
 
 def _move_into_place(tmp: Path, entry: Path) -> None:

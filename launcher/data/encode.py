@@ -1,10 +1,11 @@
-"""Encoding rows into examples, with prompt masking: instruction, chat and text formats here,
-the classification formats in labels.py."""
+"""Encoding rows into examples, in batches, with prompt masking: instruction, chat and text
+formats here, the classification formats in labels.py."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +38,37 @@ def fill_prompt(template: str, values: dict[str, str]) -> str:
     return PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def encode_instruction(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Encoded:
+def instruction_item(row: dict[str, Any], cfg: DataSection) -> tuple[str, str]:
+    """The prompt and the response of an instruction row."""
     names = cfg.fields
     instruction = _text_field(row, names.instruction)
     extra = _text_field(row, names.input, required=False)
     output = _text_field(row, names.output)
     input_block = f"### Input:\n{extra}\n\n" if extra else ""
     values = {"instruction": instruction, "input": extra, "input_block": input_block}
-    prompt = fill_prompt(cfg.prompt_template, values)
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    answer_ids = tokenizer(output, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = prompt_ids + answer_ids
-    masked = ids if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-    return Encoded(ids, list(masked))
+    return fill_prompt(cfg.prompt_template, values), output
 
 
-def encode_text(row: dict[str, Any], cfg: DataSection, tokenizer: Any) -> Encoded:
-    ids = tokenizer(_text_field(row, cfg.fields.text), add_special_tokens=True)["input_ids"]
-    ids = ids + [tokenizer.eos_token_id]
-    return Encoded(ids, list(ids))
+def instruction_tokens(
+    items: Sequence[tuple[str, str]], cfg: DataSection, tokenizer: Any
+) -> list[Encoded]:
+    prompts = tokenizer([p for p, _ in items], add_special_tokens=True)["input_ids"]
+    answers = tokenizer([a for _, a in items], add_special_tokens=False)["input_ids"]
+    out = []
+    for prompt_ids, answer in zip(prompts, answers):
+        answer_ids = answer + [tokenizer.eos_token_id]
+        ids = prompt_ids + answer_ids
+        masked = ids if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        out.append(Encoded(ids, list(masked)))
+    return out
+
+
+def text_tokens(texts: Sequence[str], tokenizer: Any) -> list[Encoded]:
+    out = []
+    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
+        ids = ids + [tokenizer.eos_token_id]
+        out.append(Encoded(ids, list(ids)))
+    return out
 
 
 def chat_messages(row: dict[str, Any], cfg: DataSection) -> list[dict[str, str]]:
@@ -80,11 +93,12 @@ def chat_messages(row: dict[str, Any], cfg: DataSection) -> list[dict[str, str]]
     return messages
 
 
-def encode_chat(
+def chat_item(
     row: dict[str, Any], cfg: DataSection, tokenizer: Any, template: str | None
-) -> Encoded:
-    """Render with the chat template; train on each assistant turn's content and its
-    end-of-turn, mask everything else (BOS, system and user turns, role headers).
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render with the chat template; the character spans to train on are each assistant
+    turn's content and its end-of-turn (everything else is masked: BOS, system and user
+    turns, role headers).
 
     Spans are found by rendering growing prefixes of the conversation, so any template that
     renders prefixes consistently works, without special template markers.
@@ -105,15 +119,25 @@ def encode_chat(
         for i, message in enumerate(messages)
         if message["role"] == "assistant"
     ]
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    if cfg.train_on_prompt:
-        return Encoded(ids, list(ids))
-    labels = [
-        tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
-    ]
-    return Encoded(ids, labels)
+    return text, spans
+
+
+def chat_tokens(
+    items: Sequence[tuple[str, list[tuple[int, int]]]], cfg: DataSection, tokenizer: Any
+) -> list[Encoded]:
+    enc = tokenizer([text for text, _ in items], add_special_tokens=False,
+                    return_offsets_mapping=True)
+    out = []
+    for (_, spans), ids, offsets in zip(items, enc["input_ids"], enc["offset_mapping"]):
+        if cfg.train_on_prompt:
+            out.append(Encoded(ids, list(ids)))
+            continue
+        labels = [
+            tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
+            for tok, (start, _end) in zip(ids, offsets)
+        ]
+        out.append(Encoded(ids, labels))
+    return out
 
 
 def assistant_span(
@@ -198,41 +222,99 @@ def _shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def encode_rows(
-    rows: Sequence[Row], cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None
-) -> tuple[list[Encoded], SplitStats]:
-    """Encode every row; ``labels`` is the resolved label set of the classification formats."""
+KEPT, TRUNCATED, TOO_LONG, NO_TARGET = range(4)  # what became of a row
+BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """Encodes batches of rows: each row is checked and rendered to text in Python (an error
+    names its place), then the whole batch is tokenized in one call of the tokenizer (a fast
+    tokenizer encodes a batch in Rust). Picklable, for tokenizing processes."""
+
+    cfg: DataSection
+    tokenizer: Any
+    labels: LabelsSection | None = None
+    template: str | None = None
+
+    @property
+    def token_types(self) -> bool:
+        """Whether examples carry token_type_ids: text pairs, for a tokenizer that makes them."""
+        return bool(self.cfg.fields.text_pair) and self.cfg.format == "classification" and (
+            "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
+        )
+
+    def encode(self, rows: Sequence[dict[str, Any]], wheres: Sequence[str]) -> list[Encoded]:
+        items = []
+        for row, where in zip(rows, wheres):
+            try:
+                items.append(self._item(row))
+            except RowError as e:
+                raise UserInputError(where, str(e)) from None
+        return self._tokens(items) if items else []
+
+    def _item(self, row: dict[str, Any]) -> Any:
+        cfg, labels = self.cfg, self.labels
+        if cfg.format == "instruction":
+            return instruction_item(row, cfg)
+        if cfg.format == "chat":
+            return chat_item(row, cfg, self.tokenizer, self.template)
+        if cfg.format == "classification":
+            return label_formats.classification_item(row, cfg, labels)
+        if cfg.format == "tagging":
+            return label_formats.tagging_item(row, cfg, labels)
+        return _text_field(row, cfg.fields.text)
+
+    def _tokens(self, items: list[Any]) -> list[Encoded]:
+        cfg, tok = self.cfg, self.tokenizer
+        if cfg.format == "instruction":
+            return instruction_tokens(items, cfg, tok)
+        if cfg.format == "chat":
+            return chat_tokens(items, cfg, tok)
+        if cfg.format == "classification":
+            return label_formats.classification_tokens(items, cfg, tok)
+        if cfg.format == "tagging":
+            return label_formats.tagging_tokens(items, tok)
+        return text_tokens(items, tok)
+
+
+def make_encoder(cfg: DataSection, tokenizer: Any, labels: LabelsSection | None) -> Encoder:
+    """``labels`` is the resolved label set of the classification formats."""
     template = resolve_chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     if cfg.format in ("classification", "tagging") and labels is None:
         raise UserInputError("labels", f"the {cfg.format} format needs a label set")
+    return Encoder(cfg, tokenizer, labels, template)
+
+
+def finish(enc: Encoded, cfg: DataSection) -> tuple[int, Encoded]:
+    """What ``max_length``, ``overflow`` and the trained tokens make of an encoded row."""
+    cut = len(enc.input_ids) > cfg.max_length
+    if cut and cfg.overflow == "drop":
+        return TOO_LONG, enc
+    if cut:
+        n = cfg.max_length
+        types = enc.token_type_ids[:n] if enc.token_type_ids is not None else None
+        enc = Encoded(enc.input_ids[:n], enc.labels[:n], enc.target, types)
+    trained = enc.labels if cfg.format == "tagging" else enc.labels[1:]
+    if enc.target is None and all(t == IGNORE_INDEX for t in trained):
+        return NO_TARGET, enc
+    return (TRUNCATED if cut else KEPT), enc
+
+
+def encode_rows(
+    rows: Sequence[Row], cfg: DataSection, tokenizer: Any, labels: LabelsSection | None = None
+) -> tuple[list[Encoded], SplitStats]:
+    """Encode rows held in memory (the pipeline encodes Arrow tables in processes, with the
+    same Encoder); ``labels`` is the resolved label set of the classification formats."""
+    encoder = make_encoder(cfg, tokenizer, labels)
     kept: list[Encoded] = []
-    truncated = too_long = no_target = 0
-    for row in rows:
-        try:
-            if cfg.format == "instruction":
-                enc = encode_instruction(row.data, cfg, tokenizer)
-            elif cfg.format == "chat":
-                enc = encode_chat(row.data, cfg, tokenizer, template)
-            elif cfg.format == "classification":
-                enc = label_formats.encode_classification(row.data, cfg, tokenizer, labels)
-            elif cfg.format == "tagging":
-                enc = label_formats.encode_tagging(row.data, cfg, tokenizer, labels)
-            else:
-                enc = encode_text(row.data, cfg, tokenizer)
-        except RowError as e:
-            raise UserInputError(row.where, str(e)) from None
-        cut = len(enc.input_ids) > cfg.max_length
-        if cut and cfg.overflow == "drop":
-            too_long += 1
-            continue
-        if cut:
-            n = cfg.max_length
-            types = enc.token_type_ids[:n] if enc.token_type_ids is not None else None
-            enc = Encoded(enc.input_ids[:n], enc.labels[:n], enc.target, types)
-        trained = enc.labels if cfg.format == "tagging" else enc.labels[1:]
-        if enc.target is None and all(t == IGNORE_INDEX for t in trained):
-            no_target += 1
-            continue
-        truncated += cut
-        kept.append(enc)
-    return kept, SplitStats(len(rows), len(kept), truncated, too_long, no_target)
+    counts = [0, 0, 0, 0]
+    for lo in range(0, len(rows), BATCH):
+        chunk = rows[lo : lo + BATCH]
+        for enc in encoder.encode([r.data for r in chunk], [r.where for r in chunk]):
+            status, enc = finish(enc, cfg)
+            counts[status] += 1
+            if status in (KEPT, TRUNCATED):
+                kept.append(enc)
+    return kept, SplitStats(len(rows), len(kept), counts[TRUNCATED], counts[TOO_LONG],
+                            counts[NO_TARGET])

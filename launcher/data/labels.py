@@ -8,7 +8,7 @@ tokens, get ``IGNORE_INDEX``, so a word counts once however the tokenizer splits
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError
@@ -16,9 +16,9 @@ from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection, FieldNames, LabelsSection
 
 
-def infer_label_names(rows: Sequence[Row], fmt: str, fields: FieldNames) -> list[str]:
-    """The distinct labels of ``rows``: names sorted (tagging: ``O`` first), or, when the data
-    holds class indices, ``"0" .. str(max)``."""
+def infer_label_names(rows: Iterable[Row], fmt: str, fields: FieldNames) -> list[str]:
+    """The distinct labels of ``rows`` (read once, one at a time): names sorted (tagging:
+    ``O`` first), or, when the data holds class indices, ``"0" .. str(max)``."""
     key = fields.tags if fmt == "tagging" else fields.label
     seen: set[Any] = set()
     for row in rows:
@@ -75,18 +75,20 @@ def _text(row: dict[str, Any], key: str) -> str:
     return value
 
 
-def encode_classification(
-    row: dict[str, Any], cfg: DataSection, tokenizer: Any, labels: LabelsSection
-) -> Encoded:
+Target = int | float | tuple[float, ...]
+
+
+def classification_item(
+    row: dict[str, Any], cfg: DataSection, labels: LabelsSection
+) -> tuple[str, str | None, Target]:
     """A text (or text pair) and its target: a class index, a multi-hot tuple or a number."""
     names = cfg.fields
     text = _text(row, names.text)
     pair = _text(row, names.text_pair) if names.text_pair else None
-    enc = tokenizer(text, pair, add_special_tokens=True)
     if names.label not in row or row[names.label] is None:
         raise RowError(f"missing field '{names.label}'")
     value = row[names.label]
-    target: int | float | tuple[float, ...]
+    target: Target
     if labels.problem_type == "regression":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RowError(f"field '{names.label}' must be a number for regression, got {value!r}")
@@ -101,14 +103,25 @@ def encode_classification(
         target = tuple(hot)
     else:
         target = label_index(value, required_names(labels), names.label)
-    token_types = enc.get("token_type_ids") if pair is not None else None
-    return Encoded(enc["input_ids"], [IGNORE_INDEX] * len(enc["input_ids"]), target, token_types)
+    return text, pair, target
 
 
-def encode_tagging(
-    row: dict[str, Any], cfg: DataSection, tokenizer: Any, labels: LabelsSection
-) -> Encoded:
-    """Words and one tag per word; the tag goes on each word's first sub-word only."""
+def classification_tokens(
+    items: Sequence[tuple[str, str | None, Target]], cfg: DataSection, tokenizer: Any
+) -> list[Encoded]:
+    pairs = [pair for _, pair, _ in items] if cfg.fields.text_pair else None
+    enc = tokenizer([text for text, _, _ in items], pairs, add_special_tokens=True)
+    types = enc.get("token_type_ids") if pairs is not None else None
+    return [
+        Encoded(ids, [IGNORE_INDEX] * len(ids), target, types[i] if types is not None else None)
+        for i, (ids, (_, _, target)) in enumerate(zip(enc["input_ids"], items))
+    ]
+
+
+def tagging_item(
+    row: dict[str, Any], cfg: DataSection, labels: LabelsSection
+) -> tuple[list[str], list[int]]:
+    """Words and one tag per word, as tag indices."""
     names = cfg.fields
     words, tags = row.get(names.tokens), row.get(names.tags)
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words) or not words:
@@ -120,10 +133,18 @@ def encode_tagging(
             f"'{names.tokens}' has {len(words)} words but '{names.tags}' has {len(tags)} tags"
         )
     label_names = required_names(labels)
-    tag_ids = [label_index(t, label_names, names.tags) for t in tags]
-    enc = tokenizer(words, is_split_into_words=True, add_special_tokens=True)
-    aligned, previous = [], None
-    for word in enc.word_ids():
-        aligned.append(IGNORE_INDEX if word is None or word == previous else tag_ids[word])
-        previous = word
-    return Encoded(enc["input_ids"], aligned)
+    return words, [label_index(t, label_names, names.tags) for t in tags]
+
+
+def tagging_tokens(items: Sequence[tuple[list[str], list[int]]], tokenizer: Any) -> list[Encoded]:
+    """The tag goes on each word's first sub-word only."""
+    enc = tokenizer([words for words, _ in items], is_split_into_words=True,
+                    add_special_tokens=True)
+    out = []
+    for i, (_, tag_ids) in enumerate(items):
+        aligned, previous = [], None
+        for word in enc.word_ids(i):
+            aligned.append(IGNORE_INDEX if word is None or word == previous else tag_ids[word])
+            previous = word
+        out.append(Encoded(enc["input_ids"][i], aligned))
+    return out

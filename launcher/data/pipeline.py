@@ -1,70 +1,118 @@
-"""Data preparation: read, split, encode and tokenize train/validation, once per node through
-the cache (cache.py)."""
+"""Data preparation: read, split, encode and tokenize train/validation into a cache entry
+(cache.py) that every process then memory-maps.
+
+Rows stream from the files into Arrow tables (rowtable.py), are tokenized by
+``datasets.map`` in ``data.num_proc`` processes (parallel.py) and written to ``.npy`` files a
+batch at a time (store.py): no process holds a Python list of every row, and the entry is
+published only when whole."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from launcher.data.cache import _write_cache, cache_key, default_cache_dir, read_cache
-from launcher.data.encode import encode_rows
-from launcher.data.read import numeric_fields, read_rows
-from launcher.data.tokenized import PreparedData, Row, TokenizedSplit
+from launcher.data.cache import cache_key, default_cache_dir, publish, read_cache, write_meta
+from launcher.data.encode import make_encoder
+from launcher.data.parallel import EncodedRows, available_cpus, encode_tables
+from launcher.data.read import numeric_fields
+from launcher.data.rowtable import row_tables
+from launcher.data.store import write_split
+from launcher.data.tokenized import PreparedData, SplitStats
 from launcher.errors import UserInputError
-from launcher.recipe.sections import DataSection, LabelsSection
+from launcher.recipe.sections import DataSection, DataSource, LabelsSection
+
+
+PUBLISH_ATTEMPTS = 3
 
 
 def prepare_data(
     cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None = None
 ) -> PreparedData:
     """Read, validate and tokenize train/validation, through the cache when it is warm. An
-    entry that fails its checksums is rebuilt, never used."""
+    entry that fails its checksums is rebuilt, never used; what is returned was verified."""
     key = cache_key(cfg, tokenizer, labels, seed)
-    if key is None:
-        return _tokenize_all(cfg, tokenizer, seed, labels)
-    entry = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / key
-    cached = read_cache(entry)
-    if cached is not None:
-        return cached
-    prepared = _tokenize_all(cfg, tokenizer, seed, labels)
-    _write_cache(entry, prepared)
-    return prepared
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    if key is None:  # not identifiable: tokenized afresh, mapped, and the files unlinked
+        with _scratch(root, "uncached") as tmp:
+            build_entry(cfg, tokenizer, seed, labels, tmp)
+            data = read_cache(tmp)
+        if data is None:
+            raise RuntimeError(f"the tokenized data written under {root} does not verify")
+        return data
+    entry = root / key
+    for _ in range(PUBLISH_ATTEMPTS):
+        cached = read_cache(entry)
+        if cached is not None:
+            return cached
+        with _scratch(root, key) as tmp:
+            build_entry(cfg, tokenizer, seed, labels, tmp)
+            publish(tmp, entry)
+    raise RuntimeError(f"the cache entry {entry} does not verify after it was written")
 
 
-def _split_rows(cfg: DataSection, seed: int) -> tuple[list[Row], list[Row]]:
-    numeric = numeric_fields(cfg)
-    train_rows = read_rows(cfg.train, numeric)
-    if cfg.validation is not None:
-        return train_rows, read_rows(cfg.validation, numeric)
-    if cfg.val_fraction > 0:
-        order = np.random.default_rng(seed).permutation(len(train_rows))
-        n_val = max(1, int(round(cfg.val_fraction * len(train_rows))))
-        held = set(order[:n_val].tolist())
-        return (
-            [r for i, r in enumerate(train_rows) if i not in held],
-            [r for i, r in enumerate(train_rows) if i in held],
-        )
-    return train_rows, []
+@contextmanager
+def _scratch(root: Path, name: str) -> Iterator[Path]:
+    """A new directory beside the entry (same filesystem: the rename is atomic), removed
+    afterwards whatever happens, unless it was renamed into place."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _tokenize_all(
-    cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None
-) -> PreparedData:
-    train_rows, val_rows = _split_rows(cfg, seed)
-    train, train_stats = encode_rows(train_rows, cfg, tokenizer, labels)
-    if not train:
-        raise UserInputError(
-            cfg.train.path, "no usable training examples: " + train_stats.summary("train")
-        )
-    stats = {"train": train_stats}
-    validation = None
-    if val_rows or cfg.validation is not None:
-        val, val_stats = encode_rows(val_rows, cfg, tokenizer, labels)
+def build_entry(
+    cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None, out: Path
+) -> None:
+    """Tokenize train and validation into ``out``: the splits' arrays and meta.json."""
+    encoder = make_encoder(cfg, tokenizer, labels)
+    work = out / ".work"
+    num_proc = cfg.num_proc or available_cpus()
+
+    def encode(source: DataSource, name: str) -> EncodedRows:
+        tables = row_tables(source, frozenset(numeric_fields(cfg)), work / name)
+        return encode_tables(tables, encoder, work / name, num_proc)
+
+    checksums: dict[str, str] = {}
+    try:
+        rows = encode(cfg.train, "train")
+        held = held_out(cfg, seed, len(rows))
+        stats = {"train": write_split(rows, None if held is None else ~held, out, "train", checksums)}
+        if not stats["train"].kept:
+            raise UserInputError(
+                cfg.train.path, "no usable training examples: " + stats["train"].summary("train")
+            )
+        if cfg.validation is not None:
+            stats["validation"] = write_split(
+                encode(cfg.validation, "validation"), None, out, "validation", checksums
+            )
+        elif held is not None and held.any():
+            stats["validation"] = write_split(rows, held, out, "validation", checksums)
+        _check_validation(cfg, stats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    write_meta(out, stats, checksums)
+
+
+def held_out(cfg: DataSection, seed: int, n: int) -> np.ndarray | None:
+    """Which of ``n`` training rows data.val_fraction holds out (a mask), or None."""
+    if cfg.validation is not None or cfg.val_fraction <= 0:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    held = np.zeros(n, bool)
+    held[order[: max(1, int(round(cfg.val_fraction * n)))]] = True
+    return held
+
+
+def _check_validation(cfg: DataSection, stats: dict[str, SplitStats]) -> None:
+    val = stats.get("validation")
+    if val is not None and not val.kept:
         where = cfg.validation.path if cfg.validation else "data.val_fraction"
-        if not val:
-            raise UserInputError(where, "no usable validation examples: " + val_stats.summary("validation"))
-        stats["validation"] = val_stats
-        validation = TokenizedSplit.from_examples(val)
-    return PreparedData(TokenizedSplit.from_examples(train), validation, stats)
+        raise UserInputError(where, "no usable validation examples: " + val.summary("validation"))

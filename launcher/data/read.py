@@ -11,6 +11,7 @@ import io
 import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from launcher.data.tokenized import Row
 from launcher.errors import UserInputError
@@ -45,31 +46,44 @@ def numeric_fields(cfg: DataSection) -> tuple[str, ...]:
 
 
 def read_rows(source: DataSource, numeric: Sequence[str] = ()) -> list[Row]:
-    """Read every row of a source; JSON Lines and CSV rows keep their line numbers for error
-    messages. ``numeric`` names the CSV columns whose cells are numbers where they look like
-    one."""
+    """Every row of a small source as a list (tests, ``--show``); the pipeline streams them
+    through Arrow instead (``rowtable``)."""
+    return list(iter_rows(source, numeric))
+
+
+def iter_rows(source: DataSource, numeric: Sequence[str] = ()) -> Iterator[Row]:
+    """Every row of a source, one at a time; JSON Lines and CSV rows keep their line numbers
+    for error messages. ``numeric`` names the CSV columns whose cells are numbers where they
+    look like one."""
     if not is_local(source):
-        return _read_hub(source)
-    rows: list[Row] = []
+        yield from native_rows(hub_dataset(source), hub_row_prefix(source))
+        return
     for path in local_files(source):
         if path.suffix == ".jsonl":
-            rows.extend(_read_jsonl(path))
+            for number, line in jsonl_lines(path):
+                yield Row(parse_object(line, f"{path}:{number}"), f"{path}:{number}")
         elif path.suffix == ".csv":
-            rows.extend(_read_csv(path, frozenset(numeric)))
-        elif path.suffix == ".json":
-            rows.extend(_read_json(path))
+            for number, data in csv_records(path, frozenset(numeric)):
+                yield Row(data, f"{path}:{number}")
+        elif path.suffix == ".json" and is_json_array(path):
+            for number, _text, value in json_array_elements(path):
+                yield Row(value, f"{path}:{number}")
         else:
-            rows.extend(_read_with_datasets(path))
-    return rows
+            yield from native_rows(file_dataset(path), f"{path}:row ")
+
+
+def native_rows(ds: Any, prefix: str) -> Iterator[Row]:
+    for i, row in enumerate(ds, start=1):
+        yield Row(row, f"{prefix}{i}")
 
 
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true/false", type(None): "null"}
 
 
-def _read_jsonl(path: Path) -> Iterator[Row]:
-    """One JSON object per line; a UTF-8 byte-order mark, CRLF endings and blank lines are
-    fine; a line that is not UTF-8 or not an object is an error naming it."""
+def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The non-blank lines of a JSON Lines file and their numbers; a UTF-8 byte-order mark
+    and CRLF endings are fine; a line that is not UTF-8 is an error naming it."""
     try:
         f = path.open("rb")
     except OSError as e:
@@ -78,48 +92,59 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
         for number, raw in enumerate(f, start=1):
             line = _decode_line(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw,
                                 f"{path}:{number}")
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserInputError(f"{path}:{number}", f"malformed JSON: {e.msg}") from None
-            yield _object_row(value, f"{path}:{number}", "each line")
+            if line.strip():
+                yield number, line
 
 
-def _read_json(path: Path) -> list[Row]:
-    """A JSON array of objects, each row named by the line its element starts on; any other
-    .json (JSON Lines under that name, a columnar object) is read by ``datasets``."""
+def parse_object(line: str, where: str) -> dict[str, Any]:
+    """One JSON Lines row: a JSON object, or an error naming the line."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserInputError(where, f"malformed JSON: {e.msg}") from None
+    return _object_row(value, where, "each line")
+
+
+def is_json_array(path: Path) -> bool:
+    """A .json file holding an array (read here, with line numbers); any other .json (JSON
+    Lines under that name, a columnar object) is read by ``datasets``."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    return head.lstrip().startswith(b"[")
+
+
+def json_array_elements(path: Path) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """A JSON array of objects: each element's line (where it starts), text and value."""
     text = _read_text(path)
-    if not text.lstrip().startswith("["):
-        return _read_with_datasets(path)
     decoder = json.JSONDecoder()
-    rows: list[Row] = []
     at = _skip_space(text, text.index("[") + 1, path)
-    line, counted = 1, 0  # lines counted up to ``counted``: one pass over the file, not per row
+    line, counted, count = 1, 0, 0  # lines counted up to ``counted``: one pass over the file
     while not text.startswith("]", at):
-        if rows:
+        if count:
             if not text.startswith(",", at):
                 raise _malformed(path, text, at, "expected ',' or ']' between rows")
             at = _skip_space(text, at + 1, path)
-        line, counted = line + text.count("\n", counted, at), at
+        line, counted, start = line + text.count("\n", counted, at), at, at
         try:
             value, at = decoder.raw_decode(text, at)
         except json.JSONDecodeError as e:
             raise UserInputError(f"{path}:{e.lineno}", f"malformed JSON: {e.msg}") from None
-        rows.append(_object_row(value, f"{path}:{line}", f"row {len(rows) + 1}"))
+        count += 1
+        yield line, text[start:at], _object_row(value, f"{path}:{line}", f"row {count}")
         at = _skip_space(text, at, path)
     rest = text[at + 1 :]
     if rest.strip():
         raise _malformed(path, text, len(text) - len(rest.lstrip()), "extra data after the array")
-    return rows
 
 
-def _object_row(value: object, where: str, what: str) -> Row:
+def _object_row(value: object, where: str, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         got = JSON_TYPES.get(type(value), type(value).__name__)
         raise UserInputError(where, f"{what} must be a JSON object, got {got}")
-    return Row(value, where)
+    return value
 
 
 def _skip_space(text: str, at: int, path: Path) -> int:
@@ -162,14 +187,14 @@ def _read_text(path: Path) -> str:
         raise _not_utf8(f"{path}:{line}", byte, column) from None
 
 
-def _read_csv(path: Path, numeric: frozenset[str]) -> Iterator[Row]:
+def csv_records(path: Path, numeric: frozenset[str]) -> Iterator[tuple[int, dict[str, Any]]]:
     """CSV with a header line; cells are text (numbers only in ``numeric`` columns), quoted
     fields may span lines, and every row is named by the line it starts on."""
     reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
     header, start = None, 1
     try:
         for cells in reader:
-            where, start = f"{path}:{start}", reader.line_num + 1
+            number, start = start, reader.line_num + 1
             if not cells:
                 continue
             if header is None:
@@ -177,10 +202,9 @@ def _read_csv(path: Path, numeric: frozenset[str]) -> Iterator[Row]:
                 continue
             if len(cells) != len(header):
                 raise UserInputError(
-                    where, f"{len(cells)} fields, but the header line has {len(header)}"
+                    f"{path}:{number}", f"{len(cells)} fields, but the header line has {len(header)}"
                 )
-            yield Row({k: _csv_cell(v) if k in numeric else v for k, v in zip(header, cells)},
-                      where)
+            yield number, {k: _csv_cell(v) if k in numeric else v for k, v in zip(header, cells)}
     except csv.Error as e:
         raise UserInputError(f"{path}:{start}", f"malformed CSV: {e}") from None
     if header is None:
@@ -200,24 +224,27 @@ def _csv_cell(value: str) -> int | float | str | None:
     return value
 
 
-def _read_with_datasets(path: Path) -> list[Row]:
+def file_dataset(path: Path) -> Any:
+    """A Parquet, CSV or non-array JSON file as ``datasets`` reads it (memory-mapped Arrow)."""
     import datasets
 
     builder = LOCAL_SUFFIXES[path.suffix]
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as e:  # datasets raises many types for unreadable files
         raise UserInputError(str(path), f"cannot read {builder} file: {e}") from None
-    return [Row(r, f"{path}:row {i}") for i, r in enumerate(ds, start=1)]
 
 
-def _read_hub(source: DataSource) -> list[Row]:
+def hub_dataset(source: DataSource) -> Any:
     import datasets
 
     try:
-        ds = datasets.load_dataset(
+        return datasets.load_dataset(
             source.path, source.subset, split=source.split, revision=source.revision
         )
     except Exception as e:
         raise UserInputError(source.path, f"cannot load dataset: {e}") from None
-    return [Row(r, f"{source.path}[{source.split}] row {i}") for i, r in enumerate(ds, start=1)]
+
+
+def hub_row_prefix(source: DataSource) -> str:
+    return f"{source.path}[{source.split}] row "

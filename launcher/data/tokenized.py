@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,10 @@ class TokenizedSplit:
         return self.input_ids[lo:hi], self.labels[lo:hi]
 
     def lengths(self) -> np.ndarray:
+        return self._lengths
+
+    @cached_property
+    def _lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
     @staticmethod
@@ -76,21 +81,36 @@ class TokenizedSplit:
             targets, types,
         )
 
-    def save(self, path: Path) -> None:
-        optional = {
-            k: v for k, v in (("targets", self.targets), ("token_type_ids", self.token_type_ids))
-            if v is not None
-        }
-        np.savez(path, input_ids=self.input_ids, labels=self.labels, offsets=self.offsets, **optional)
+    def arrays(self) -> dict[str, np.ndarray]:
+        optional = (("targets", self.targets), ("token_type_ids", self.token_type_ids))
+        return {"input_ids": self.input_ids, "labels": self.labels, "offsets": self.offsets,
+                **{k: v for k, v in optional if v is not None}}
+
+    def save(self, directory: Path, name: str) -> list[str]:
+        """One ``.npy`` file per array, ``NAME.ARRAY.npy``; returns the file names."""
+        files = []
+        for array, value in self.arrays().items():
+            files.append(f"{name}.{array}.npy")
+            np.save(directory / files[-1], value, allow_pickle=False)
+        return files
 
     @staticmethod
-    def load(path: Path) -> TokenizedSplit:
-        with np.load(path, allow_pickle=False) as f:
-            return TokenizedSplit(
-                f["input_ids"], f["labels"], f["offsets"],
-                f["targets"] if "targets" in f else None,
-                f["token_type_ids"] if "token_type_ids" in f else None,
-            )
+    def load(directory: Path, name: str) -> TokenizedSplit:
+        """Memory-mapped, read-only: every process that loads one file shares its pages."""
+
+        def array(kind: str) -> np.ndarray | None:
+            path = directory / f"{name}.{kind}.npy"
+            if kind in OPTIONAL_ARRAYS and not path.exists():
+                return None
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+
+        return TokenizedSplit(
+            array("input_ids"), array("labels"), array("offsets"), array("targets"),
+            array("token_type_ids"),
+        )
+
+
+OPTIONAL_ARRAYS = ("targets", "token_type_ids")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from launcher.data.labels import infer_label_names
 from launcher.data.tokenized import PreparedData
-from launcher.data.read import numeric_fields, read_rows
+from launcher.data.read import iter_rows, numeric_fields
 from launcher.data.batch import packing_layout, training_units
 from launcher.data.pipeline import prepare_data
 from launcher.tasks.distill import check_teacher
@@ -120,7 +120,7 @@ def with_label_names(recipe: Recipe) -> Recipe:
     labels = recipe.labels
     if labels is None or labels.names is not None or labels.problem_type == "regression":
         return recipe
-    rows = read_rows(recipe.data.train, numeric_fields(recipe.data))
+    rows = iter_rows(recipe.data.train, numeric_fields(recipe.data))  # streamed, not held
     names = infer_label_names(rows, recipe.data.format, recipe.data.fields)
     return recipe.model_copy(update={"labels": labels.model_copy(update={"names": names})})
 

@@ -162,10 +162,10 @@ def training_steps(recipe: Recipe, hw: Hardware) -> tuple[int | None, str]:
         return recipe.train.max_steps, "train.max_steps"
     if recipe.data.packing:
         return None, "packed rows are known only after tokenizing; set train.max_steps"
-    from launcher.data.read import numeric_fields, read_rows
+    from launcher.data.read import iter_rows, numeric_fields
 
     try:
-        rows = len(read_rows(recipe.data.train, numeric_fields(recipe.data)))
+        rows = sum(1 for _ in iter_rows(recipe.data.train, numeric_fields(recipe.data)))
     except (UserInputError, OSError, ValueError) as e:
         return None, f"the training data cannot be read here ({e})"
     held_out = 0.0 if recipe.data.validation else recipe.data.val_fraction

@@ -271,7 +271,14 @@ class DataSection(Section):
     )
     shuffle: bool = Field(True, description="Shuffle the training set every epoch.")
     cache_dir: str | None = Field(
-        None, description="Tokenization cache; default ~/.cache/ftlaunch/tokenized."
+        None,
+        description="Tokenization cache; default ~/.cache/ftlaunch/tokenized. On storage every "
+        "node mounts, the data is tokenized once for the whole cluster; else once per node.",
+    )
+    num_proc: PositiveInt | None = Field(
+        None,
+        description="Processes that tokenize the data in parallel (datasets.map); default: "
+        "the CPUs this process may use. Does not change the tokens (nor the cache key).",
     )
 
     @model_validator(mode="before")

@@ -38,14 +38,19 @@ def build_optimizer(model: torch.nn.Module, train: TrainSection, offload: bool) 
     return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
 
 
-def node_local_first(rank: Rank, fn: Callable[[], Any]) -> Any:
-    """Local rank 0 runs ``fn`` first (filling node-local caches); the others then reuse it."""
-    if rank.local_rank == 0:
-        result = fn()
-        dist.barrier()
-        return result
+def once_per_cluster(rank: Rank, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` (which fills a cache, or reads it when warm) on rank 0 first; then on the
+    first rank of every other node, which finds rank 0's entry when the cache is on storage
+    every node mounts and fills its own node's cache otherwise; then on every other rank,
+    which reads its node's entry. So the work is done once per cluster on shared storage,
+    once per node without it, and never by two ranks of one node."""
+    first, node_first = rank.rank == 0, rank.rank != 0 and rank.local_rank == 0
+    result = fn() if first else None
     dist.barrier()
-    return fn()
+    if node_first:
+        result = fn()
+    dist.barrier()
+    return result if first or node_first else fn()
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def prepare_inputs(
     cfg: DataSection, labels: LabelsSection | None, train: TrainSection, tokenizer: Any,
     layout: BatchLayout, rank: Rank,
 ) -> Inputs:
-    data = node_local_first(rank, lambda: prepare_data(cfg, tokenizer, train.seed, labels))
+    data = once_per_cluster(rank, lambda: prepare_data(cfg, tokenizer, train.seed, labels))
     packed, micro, grouped = None, train.micro_batch_size, False
     if cfg.packing:
         kind = packing_layout(cfg.packing_layout, layout.attention)

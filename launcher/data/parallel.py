@@ -1,0 +1,115 @@
+"""Tokenizing row tables in parallel: ``datasets.map(batched=True, num_proc=N)`` with the
+Encoder, into Arrow files that hold one encoded row per input row (dropped rows keep their
+place, with no tokens), so a split is chosen afterwards by row number.
+
+A bad row raises UserInputError naming its place in whichever process reads it; ``datasets``
+re-raises it here, and the caller removes the half-written work directory."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from launcher.data.encode import KEPT, TRUNCATED, Encoder, finish
+from launcher.data.rowtable import RowNaming, RowTable
+
+
+ROWS_PER_PROCESS = 1000  # a file of fewer rows is tokenized in this process (= map's batch)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, as a container limits it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class EncodedRows:
+    """A source's encoded rows: their Arrow files in row order, and per row its token count
+    and what became of it (encode.KEPT, TRUNCATED, TOO_LONG or NO_TARGET)."""
+
+    files: tuple[Path, ...]
+    lengths: np.ndarray
+    status: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    def kept(self) -> np.ndarray:
+        return (self.status == KEPT) | (self.status == TRUNCATED)
+
+
+def encoded_features(encoder: Encoder) -> Any:
+    import datasets
+
+    cfg, labels = encoder.cfg, encoder.labels
+    ints = datasets.List(datasets.Value("int32"))
+    features = {"input_ids": ints, "labels": ints, "length": datasets.Value("int32"),
+                "status": datasets.Value("int8")}
+    if cfg.format == "classification":
+        kind = labels.problem_type if labels is not None else "single_label"
+        features["target"] = {
+            "single_label": datasets.Value("int64"), "regression": datasets.Value("float32"),
+            "multi_label": datasets.List(datasets.Value("float32")),
+        }[kind]
+        if encoder.token_types:
+            features["token_type_ids"] = datasets.List(datasets.Value("int8"))
+    return datasets.Features(features)
+
+
+def encode_batch(
+    batch: dict[str, list[Any]], indices: list[int], naming: RowNaming, encoder: Encoder
+) -> dict[str, list[Any]]:
+    """One ``map`` batch: rows to columns; rows that are dropped keep their place, empty."""
+    rows, wheres = naming.rows(batch, indices)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "status": []}
+    has_target = encoder.cfg.format == "classification"
+    has_types = encoder.token_types
+    for name in ("target",) * has_target + ("token_type_ids",) * has_types:
+        out[name] = []
+    for enc in encoder.encode(rows, wheres):
+        status, enc = finish(enc, encoder.cfg)
+        kept = status in (KEPT, TRUNCATED)
+        out["input_ids"].append(enc.input_ids if kept else [])
+        out["labels"].append(enc.labels if kept else [])
+        out["length"].append(len(enc.input_ids) if kept else 0)
+        out["status"].append(status)
+        if has_target:
+            out["target"].append(enc.target)
+        if has_types:
+            out["token_type_ids"].append(enc.token_type_ids if kept else [])
+    return out
+
+
+def encode_tables(
+    tables: list[RowTable], encoder: Encoder, work: Path, num_proc: int
+) -> EncodedRows:
+    """Encode every table, each with up to ``num_proc`` processes."""
+    files: list[Path] = []
+    lengths, status = [], []
+    features = encoded_features(encoder)
+    for n, table in enumerate(tables):
+        ds = table.dataset
+        if len(ds) == 0:
+            continue
+        procs = max(1, min(num_proc, len(ds) // ROWS_PER_PROCESS))
+        out = ds.map(
+            encode_batch, batched=True, batch_size=ROWS_PER_PROCESS, with_indices=True,
+            num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
+            features=features, fn_kwargs={"naming": table.naming, "encoder": encoder},
+            cache_file_name=str(work / f"encoded-{n}.arrow"), load_from_cache_file=False,
+            new_fingerprint=uuid.uuid4().hex, desc=f"tokenizing {table.naming.prefix.rstrip(': ')}",
+        )
+        files.extend(Path(f["filename"]) for f in out.cache_files)
+        lengths.append(out.data.column("length").to_numpy())
+        status.append(out.data.column("status").to_numpy())
+    if not lengths:
+        return EncodedRows((), np.zeros(0, np.int32), np.zeros(0, np.int8))
+    return EncodedRows(tuple(files), np.concatenate(lengths), np.concatenate(status))
