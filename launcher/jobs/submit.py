@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from launcher.errors import UserInputError
-from launcher.recipe.output_dir import is_uri
 from launcher.recipe import load_recipe
 from launcher.jobs.address import check_cluster_address, check_transport, job_server_address
 from launcher.jobs.client import (
@@ -59,7 +58,7 @@ def run(req: SubmitRequest) -> int:
     check_transport(address, req.insecure, os.environ)
     env = parse_env(req.env)
     recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
-    if not is_uri(recipe.output_dir) and not PurePath(recipe.output_dir).is_absolute():
+    if not PurePath(recipe.output_dir).is_absolute():
         raise UserInputError(
             "output_dir",
             f"'{recipe.output_dir}' is relative: in a job it would land in the job's temporary "
