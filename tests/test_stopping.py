@@ -162,6 +162,17 @@ class Driver:
         except psutil.NoSuchProcess:
             return []
 
+    def torchrun_workers(self) -> int:
+        """How many workers torchrun has started (0 before torchrun runs: the tokenizer's
+        worker processes are descendants too, so a plain count of them would mislead)."""
+        for proc in self.descendants():
+            try:
+                if "torch.distributed.run" in proc.cmdline():
+                    return len(proc.children())
+            except psutil.NoSuchProcess:
+                pass
+        return 0
+
     def names(self) -> str:
         names = []
         for proc in self.descendants():
@@ -243,7 +254,7 @@ def startup_stop(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("startup")
     recipe, run_dir = saving_recipe(tmp, checkpoint={"preempt_grace_s": 3})
     with Driver(tmp, recipe) as driver:
-        driver.wait_until(lambda: len(driver.descendants()) >= 3, "torchrun and 2 workers")
+        driver.wait_until(lambda: driver.torchrun_workers() >= 2, "torchrun and 2 workers")
         signalled_before_step_1 = steps_logged(run_dir) == []
         driver.send(signal.SIGTERM)
         code = driver.finish()
@@ -323,6 +334,47 @@ def test_grace_shorter_than_the_save_kills_it_uncommitted(startup_stop, tmp_path
     assert [c.step for c in ckpt.committed(run_dir)] == [2]
     out = assert_resumed_exactly(tmp_path, err, run_dir, 2, startup_stop[2])
     assert f"{ckpt.tag_for(4)}: not committed" in out
+
+
+@pytest.mark.parametrize(("sig", "group", "code"), [(signal.SIGTERM, False, 143),
+                                                    (signal.SIGINT, True, 130)],
+                         ids=["sigterm", "ctrl-c"])
+def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resumes(
+    tmp_path, sig, group, code
+):
+    """Stopped in data preparation (SIGTERM to the driver, or Ctrl-C to the whole group,
+    tokenizer processes included), before any worker: the tokenizer's processes end, no
+    scratch directory or partial entry stays in the cache, and the printed command (the same
+    form as for a stop mid-training) prepares the data afresh and trains."""
+    import json
+    import random
+
+    from launcher.data.synthetic import make_example
+
+    rng = random.Random(0)
+    data = tmp_path / "many rows #1.jsonl"  # ~4 s of tokenizing on 2 idle cores
+    data.write_text("".join(json.dumps(make_example(rng)) + "\n" for _ in range(200_000)))
+    recipe, run_dir = recipe_file(
+        tmp_path, train={"max_steps": 2}, data={"train": str(data), "validation": None})
+    cache = tmp_path / "cache" / "tokenized"
+    with Driver(tmp_path, recipe) as driver:
+        driver.wait_until(lambda: re.search(r"\b[1-9]\d*000/200000", driver.err.read_text()),
+                          "tokenizing under way")
+        pool = driver.descendants()
+        driver.send(sig, group=group)
+        exit_code = driver.finish()
+    err = driver.err.read_text()
+    assert exit_code == code, err[-3000:]
+    assert f"ftlaunch: stopped by {sig.name}. To resume, run:" in err, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "examples kept" not in err  # it stopped before the data was ready
+    assert pool and not [p for p in pool if p.is_running()]
+    assert list(cache.iterdir()) == []
+    assert not run_dir.exists() or not (run_dir / "checkpoints").exists()
+    out = resume(tmp_path, err)
+    assert "200000 examples kept" in out, out[-3000:]
+    assert steps_logged(run_dir) == [1, 2]
+    assert len(list(cache.iterdir())) == 1
 
 
 def test_ray_sigterm_during_startup_then_ctrl_c_commits_and_resumes(tmp_path):

@@ -7,6 +7,7 @@ after SIGINT and SIGTERM (with the command that resumes the run).
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from launcher.errors import ExportError, UserInputError
@@ -20,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv
-    from launcher.driver.stop import Terminated, resume_command, sigterm_raises
+    from launcher.driver.stop import Terminated, signal_received, signals_raise
 
     try:
-        with sigterm_raises():
+        with signals_raise():
             return COMMANDS[args.command](args)
     except UserInputError as e:
         print(f"ftlaunch: error: {e}", file=sys.stderr)
@@ -31,10 +32,19 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as e:
         print(f"ftlaunch: export failed: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"ftlaunch: interrupted; to resume, run:\n  {resume_command(argv)}", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"ftlaunch: terminated (SIGTERM); to resume, run:\n  {resume_command(argv)}",
-              file=sys.stderr)
-        return 143
+    except (KeyboardInterrupt, Terminated):
+        return stopped(argv)
+    except Exception:
+        if signal_received() is None:
+            raise
+        return stopped(argv)  # a library's clean-up raised on the way out of the stop
+
+
+def stopped(argv: list[str]) -> int:
+    """After SIGINT or SIGTERM outside training: the command that continues, and 130/143."""
+    from launcher.driver.stop import EXIT_CODES, resume_command, signal_received
+
+    sig = signal_received() or signal.SIGINT
+    print(f"ftlaunch: stopped by {sig.name}. To resume, run:\n  {resume_command(argv)}",
+          file=sys.stderr)
+    return EXIT_CODES[sig]

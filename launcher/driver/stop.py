@@ -12,6 +12,7 @@ progress (which is then never committed, so resume skips it), and exits 128 + th
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -113,19 +114,42 @@ class Terminated(BaseException):
     """SIGTERM outside the training phase (like KeyboardInterrupt for SIGINT)."""
 
 
+STOP_EXCEPTIONS: dict[signal.Signals, type[BaseException]] = {
+    signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated,
+}
+_received: list[signal.Signals] = []
+
+
+def signal_received() -> signal.Signals | None:
+    """The first SIGINT or SIGTERM that arrived while :func:`signals_raise` was active."""
+    return _received[0] if _received else None
+
+
 @contextmanager
-def sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while the body runs (main thread only), so
-    ``finally`` blocks run and the CLI can exit 143 with a message instead of dying silently."""
+def signals_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into KeyboardInterrupt and :class:`Terminated` while the body
+    runs (main thread only), so ``finally`` blocks run and the CLI can exit 130/143 with a
+    message instead of dying silently. The signal is remembered (:func:`signal_received`):
+    a library whose clean-up raises something else on the way out (``datasets.map`` with
+    ``num_proc`` does) must not turn a stop into a crash. A process forked from this one
+    (a tokenizer pool's worker) dies of the signal as by default: its parent does the stop."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    owner = os.getpid()
 
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
+        if os.getpid() != owner:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        sig = signal.Signals(signum)
+        _received.append(sig)
+        raise STOP_EXCEPTIONS[sig]()
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_EXCEPTIONS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, before in previous.items():
+            signal.signal(sig, before)
