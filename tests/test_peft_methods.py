@@ -63,18 +63,19 @@ def test_rslora_classifier_reloads_with_same_outputs(cli, tmp_path):
     from peft import AutoPeftModelForSequenceClassification
 
     # on the tiny BERT with frozen embeddings LoRA finds no signal in a few steps; the tiny
-    # Llama base learns the keywords
+    # Llama base learns the keywords; rsLoRA scales by alpha/sqrt(r), 2.8x LoRA's alpha/r here,
+    # and diverges at 3e-2
     recipe = cls_recipe(
         tmp_path, method="lora", lora={"r": 8, "alpha": 16, "use_rslora": True},
         model={"architecture": TINY_LLAMA, "tokenizer": str(DATA / "tokenizer")},
         labels={"names": ["negative", "positive"]},
-        train={"max_steps": 20, "micro_batch_size": 8, "lr": 3e-2},
+        train={"max_steps": 20, "micro_batch_size": 8, "lr": 3e-3},
         resources={"num_workers": 2}, eval={"at_start": True},
     )
     run_dir = train_torchrun(cli, tmp_path, recipe)
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 20
-    assert evals[-1]["eval_loss"] < 0.985 * evals[0]["eval_loss"], evals  # measured: 0.973x
+    assert evals[-1]["eval_loss"] < 0.8 * evals[0]["eval_loss"], evals  # measured: 0.58x
     adapter_moved(run_dir)
     final = run_dir / "final"
     assert json.loads((final / "adapter_config.json").read_text())["use_rslora"] is True
