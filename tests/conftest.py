@@ -152,14 +152,31 @@ def sentiment_run(ray_cluster, tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) the tests that share a module-scoped fixture of
     their own module (a trained run) go to one worker, so the run is trained once, not once per
-    worker. Runs before xdist reads the groups."""
+    worker. Fixtures used together join one group (a test of ``a`` and ``b`` and one of ``b``
+    and ``c`` put ``a``, ``b`` and ``c`` on one worker). Runs before xdist reads the groups."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    shared: dict[int, list[str]] = {}
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None or item.get_closest_marker("xdist_group"):
             continue
         module_id = item.nodeid.split("::")[0]
-        for name in info.names_closure:
-            defs = info.name2fixturedefs.get(name)
-            if defs and defs[-1].scope == "module" and defs[-1].baseid == module_id:
-                item.add_marker(pytest.mark.xdist_group(f"{module_id}::{name}"))
-                break
+        keys = [f"{module_id}::{name}" for name in info.names_closure
+                if (defs := info.name2fixturedefs.get(name))
+                and defs[-1].scope == "module" and defs[-1].baseid == module_id]
+        for key in keys:
+            parent[root(key)] = root(keys[0])
+        if keys:
+            shared[id(item)] = keys
+    names: dict[str, str] = {}  # a group's name: the first of its fixtures, in sorted order
+    for key in sorted(parent):
+        names.setdefault(root(key), key)
+    for item in items:
+        if id(item) in shared:
+            item.add_marker(pytest.mark.xdist_group(names[root(shared[id(item)][0])]))
