@@ -497,7 +497,7 @@ def run_round(
 
 def run_job(
     job: Job, work: Path, repeats: int, peak_tflops: float | None, backend: str,
-    datasets: list[str],
+    datasets: list[str], peers: tuple[str, ...] = PEERS,
 ) -> dict[str, float]:
     """Every system on both datasets, ``repeats`` rounds; ftlaunch opens round 0 and the peers'
     order turns round by round (round 1 runs them in reverse, ftlaunch last), so that load from
@@ -520,12 +520,12 @@ def run_job(
         )
         data = inputs | {"train": train, "validation": validation}
         packed = packed_batch(job, mean_len)
-        runs: dict[str, list[Result]] = {s: [] for s in ("ftlaunch", *PEERS)}
+        runs: dict[str, list[Result]] = {s: [] for s in ("ftlaunch", *peers)}
         setup = None
         for repeat in range(repeats):
             out = work / f"round{repeat}"
             out.mkdir(exist_ok=True)
-            order = [*reversed(PEERS), "ftlaunch"] if repeat % 2 else ["ftlaunch", *PEERS]
+            order = [*reversed(peers), "ftlaunch"] if repeat % 2 else ["ftlaunch", *peers]
             done, setup = run_round(job, dataset, data, packed, out, env, backend, order, setup)
             for r in done:
                 runs[r.system].append(r)
@@ -551,6 +551,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--datasets", nargs="+", choices=DATASETS, default=list(DATASETS), help="default: both"
     )
+    parser.add_argument(
+        "--peers", nargs="+", choices=PEERS, default=list(PEERS), help="default: all four"
+    )
     parser.add_argument("--jobs", nargs="*", help="GPU mode: job names to run (default: all)")
     parser.add_argument(
         "--peak-tflops", type=float, help="device peak for MFU (default: GPU table)"
@@ -574,7 +577,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# load at start: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
     repeats = args.repeats or (2 if args.mode == "cpu" and not args.quick else 1)
     ratios = [
-        run_job(job, args.workdir / job.name, repeats, args.peak_tflops, args.backend, args.datasets)
+        run_job(job, args.workdir / job.name, repeats, args.peak_tflops, args.backend,
+                args.datasets, tuple(args.peers))
         for job in jobs
     ]
     print(f"# load at end: {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}")
