@@ -606,6 +606,16 @@ def test_run_directory_with_a_pvc(tmp_path: Path, output_dir: str, expected: str
     ]  # fmt: skip
 
 
+@pytest.mark.parametrize("pvc", [None, "shared"])
+def test_object_store_output_dir_stands_in_the_pods(tmp_path: Path, pvc: str | None) -> None:
+    """s3:// is reached from every pod: no --pvc needed, and a PVC does not replace it."""
+    recipe = load_recipe(write_recipe(tmp_path, output_dir="s3://bkt/runs/llama"))
+    rayjob = k8s.render_rayjob(recipe, "job.yaml", k8s.K8sOptions(pvc=pvc))
+    assert rayjob["spec"]["entrypoint"].split() == [
+        "ftlaunch", f"{k8s.RECIPE_DIR}/{k8s.RECIPE_FILE}"
+    ]  # fmt: skip
+
+
 def test_kueue_and_scheduling_options(rendered: dict[str, Any]) -> None:
     rayjob, argv = rendered["rayjob"], rendered["argv"]
     labels = rayjob["metadata"]["labels"]

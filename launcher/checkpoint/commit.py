@@ -28,7 +28,6 @@ from launcher.errors import UserInputError
 from launcher.run.rundir import RunDir
 
 MARKER = "COMMITTED.json"
-BEST = "best.json"  # in checkpoints/: the step of the best evaluation (eval.early_stopping)
 TAG_RE = re.compile(r"^step_(\d{8})$")
 UNIVERSAL = "universal"
 TRAINER_STATE = "trainer_state.json"
@@ -71,6 +70,19 @@ def present_files(root: Path) -> list[str]:
 def share(items: Sequence[str], rank: int, world: int) -> list[str]:
     """This rank's slice of the files, so hashing and verifying are spread over all ranks."""
     return [x for i, x in enumerate(items) if i % world == rank]
+
+
+def owned(listings: Sequence[Sequence[str]], rank: int) -> list[str]:
+    """This rank's share of the files each rank sees (``listings``, in rank order): file i of
+    their union goes to the (i mod k)-th of the k ranks that see it. On one shared directory
+    that is :func:`share`; on node-local disks each file goes to a rank of a node holding it."""
+    seen = [set(names) for names in listings]
+    mine = []
+    for i, name in enumerate(sorted(set().union(*seen))):
+        holders = [r for r, names in enumerate(seen) if name in names]
+        if holders[i % len(holders)] == rank:
+            mine.append(name)
+    return mine
 
 
 def flush_and_hash(ckpt: Path, names: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -238,7 +250,7 @@ def saved(found: Sequence[Candidate], warn: Callable[[str], None]) -> list[Candi
 
 def newest_valid(
     run_dir: Path, rank: int, world: int, gather: Gather, warn: Callable[[str], None],
-    fallback: Path | None = None,
+    fallback: Path | None = None, own: bool = True,
 ) -> Candidate | None:
     """The newest committed checkpoint that is whole and matches its manifest.
 
@@ -247,9 +259,11 @@ def newest_valid(
     checkpoint. Corrupt ones are skipped with a warning. Interrupted saves never count:
     without a commit in ``run_dir``, ``fallback`` (checkpoint.resume_from) is looked at. If
     committed checkpoints exist but none is intact, that is an error: silently starting from
-    scratch would throw away the run.
+    scratch would throw away the run. ``own=False`` looks at the fallback only (the run's
+    own checkpoints are in an object store).
     """
-    seen, source = saved(candidates(run_dir), warn), str(checkpoints_dir(run_dir))
+    seen = saved(candidates(run_dir), warn) if own else []
+    source = str(checkpoints_dir(run_dir))
     if not seen and fallback is not None:
         seen = saved(outside_candidates(fallback), warn)
         source = f"checkpoint.resume_from: {fallback}"
@@ -349,14 +363,12 @@ def retain(
 
 
 def write_best(run_dir: Path, step: int, metric: str, value: float) -> None:
-    write_atomic(
-        checkpoints_dir(run_dir) / BEST, json.dumps({"step": step, "metric": metric, "value": value})
-    )
+    write_atomic(RunDir(run_dir).best, json.dumps({"step": step, "metric": metric, "value": value}))
 
 
 def best_steps(run_dir: Path) -> tuple[int, ...]:
     """The best checkpoint's step, when the run keeps one (for retention and export)."""
-    path = checkpoints_dir(run_dir) / BEST
+    path = RunDir(run_dir).best
     return (json.loads(path.read_text())["step"],) if path.is_file() else ()
 
 

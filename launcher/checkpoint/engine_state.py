@@ -18,11 +18,13 @@ from typing import Any
 import torch.distributed as dist
 
 from launcher.checkpoint import commit as ckpt
-from launcher.checkpoint import rng
+from launcher.checkpoint import remote, rng
 from launcher.checkpoint.universal import to_universal
 from launcher.ranks import Rank, any_rank, gather
 from launcher.recipe.run_sections import CheckpointSection
+from launcher.run import sync
 from launcher.run.rundir import RunDir
+from launcher.run.store import Store
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,11 @@ class ResumePoint:
     skipped: tuple[str, ...] = ()
 
 
-def find_resume_point(run_dir: Path, cfg: CheckpointSection, rank: Rank) -> ResumePoint:
-    """Must run before deepspeed.initialize: a world-size change needs a config flag."""
+def find_resume_point(
+    run_dir: Path, cfg: CheckpointSection, rank: Rank, store: Store | None = None
+) -> ResumePoint:
+    """Must run before deepspeed.initialize: a world-size change needs a config flag. With a
+    ``store`` its checkpoints count, downloaded into ``run_dir`` (node-local) and verified."""
     fallback = Path(cfg.resume_from) if cfg.resume_from else None
     skipped: list[str] = []
 
@@ -41,9 +46,15 @@ def find_resume_point(run_dir: Path, cfg: CheckpointSection, rank: Rank) -> Resu
         skipped.append(message)
         rank.log(f"WARNING: {message}")
 
-    found = ckpt.newest_valid(
-        run_dir, rank.rank, rank.world, lambda problem: gather(problem, rank), warn, fallback
-    )
+    node = remote.node_of(rank) if store is not None else None
+    if store is not None and rank.rank == 0:
+        sync.pull(store, run_dir, sync.history_files(run_dir))
+    found = remote.newest_valid(store, run_dir, rank, node, warn) if node else None
+    if found is None and (store is None or fallback is not None):
+        found = ckpt.newest_valid(
+            run_dir, rank.rank, rank.world, lambda problem: gather(problem, rank), warn,
+            fallback, own=store is None,
+        )
     if found is None:
         return ResumePoint(None)
     saved_world = ckpt.read_manifest(found.path)["world_size"]
@@ -51,7 +62,7 @@ def find_resume_point(run_dir: Path, cfg: CheckpointSection, rank: Rank) -> Resu
         return ResumePoint(found, skipped=tuple(skipped))
     rank.log(f"{found.path} was written by {saved_world} ranks, resuming on {rank.world}: "
              "converting it to a universal checkpoint")
-    if rank.rank == 0:
+    if (node.leader if node else rank.rank == 0):  # each node-local copy is converted
         to_universal(found.path, warn)
     dist.barrier()
     return ResumePoint(found, universal=True, skipped=tuple(skipped))
@@ -83,15 +94,20 @@ def restore(engine: Any, point: ResumePoint, rank: Rank) -> int:
 def save(
     engine: Any, run_dir: Path, step: int, rank: Rank, cfg: CheckpointSection,
     recipe: dict[str, Any], before_commit: Callable[[], None] = lambda: None,
+    store: Store | None = None,
 ) -> None:
     """Save and commit step ``step`` (every rank calls it); ``recipe`` (the resolved recipe,
-    as data) goes into the trainer state, ``before_commit`` runs once all shards are hashed."""
+    as data) goes into the trainer state, ``before_commit`` runs once all shards are hashed
+    (and, with a ``store``, uploaded: the step is committed there by its marker, last)."""
     from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 
     root = ckpt.checkpoints_dir(run_dir)
     path = root / ckpt.tag_for(step)
-    if rank.rank == 0 and (path.exists() or path.is_symlink()):
+    node = remote.node_of(rank) if store is not None else None
+    if (node.leader if node else rank.rank == 0) and (path.exists() or path.is_symlink()):
         clear_step(path, rank)  # an interrupted or superseded save of this step
+    if store is not None and rank.rank == 0:
+        remote.clear_step(store, path.name, lambda message: rank.log(f"WARNING: {message}"))
     dist.barrier()
     client_state = {"step": step, UNIVERSAL_CHECKPOINT_INFO: {"universal_checkpoint_version": 0.2}}
     engine.save_checkpoint(str(root), tag=path.name, client_state=client_state, save_latest=False)
@@ -100,17 +116,37 @@ def save(
         state = {"step": step, "world_size": rank.world, "recipe": recipe}
         ckpt.trainer_state_path(path).write_text(json.dumps(state, indent=1))
     dist.barrier()
-    mine = ckpt.flush_and_hash(path, ckpt.share(ckpt.payload_files(path), rank.rank, rank.world))
+    names = ckpt.owned(gather(ckpt.payload_files(path), rank), rank.rank)
+    mine = ckpt.flush_and_hash(path, names)
+    if store is not None:
+        remote.upload_files(store, path, names)
     gathered = gather(mine, rank)
     before_commit()
     if rank.rank == 0:
         entries = {k: v for part in gathered for k, v in part.items()}
         info = {"step": step, "world_size": rank.world, "zero_stage": engine.zero_optimization_stage()}
         ckpt.commit(path, entries, info)
-        ckpt.retain(run_dir, cfg.keep_last, keep=ckpt.best_steps(run_dir),
-                    warn=lambda message: rank.log(f"WARNING: {message}"))
-        rank.log(f"checkpoint committed: {path}")
+        commit_and_retain(run_dir, path, cfg, rank, store)
+    if node is not None and node.leader:
+        remote.prune_local(run_dir, path.name, lambda message: rank.log(f"WARNING: {message}"))
     dist.barrier()
+
+
+def commit_and_retain(
+    run_dir: Path, path: Path, cfg: CheckpointSection, rank: Rank, store: Store | None
+) -> None:
+    """Rank 0, once the local manifest is written: with a store, the run's small files, then
+    the marker (the commit), then the store's retention; without, the local retention."""
+    warn = lambda message: rank.log(f"WARNING: {message}")  # noqa: E731
+    keep = ckpt.best_steps(run_dir)
+    if store is None:
+        ckpt.retain(run_dir, cfg.keep_last, keep=keep, warn=warn)
+        rank.log(f"checkpoint committed: {path}")
+        return
+    sync.push(store, run_dir, sync.worker_files(run_dir))
+    remote.upload_marker(store, path)
+    remote.retain(store, cfg.keep_last, keep, warn)
+    rank.log(f"checkpoint committed: {store.where(remote.step_rel(path.name))}")
 
 
 def clear_step(path: Path, rank: Rank) -> None:
@@ -144,9 +180,11 @@ class SaveSchedule:
         return due
 
 
-def record_attempt(run_dir: Path, start: int, point: ResumePoint, rank: Rank) -> None:
+def record_attempt(
+    run_dir: Path, start: int, point: ResumePoint, rank: Rank, store: Store | None = None
+) -> None:
     """One line per (re)start of the worker group: where it resumed and which checkpoints it
-    had to skip. The driver counts these lines to report failures."""
+    had to skip. The driver counts these lines to report failures (pushed to ``store``)."""
     if rank.rank == 0:
         record = {
             "time": time.time(), "resume_step": start, "world": rank.world,
@@ -154,3 +192,5 @@ def record_attempt(run_dir: Path, start: int, point: ResumePoint, rank: Rank) ->
         }
         with RunDir(run_dir).attempts.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if store is not None:
+            sync.push(store, run_dir, [RunDir(run_dir).attempts])

@@ -65,19 +65,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.run.export import export_run
+    from launcher.run.export import export_run, export_stored
 
     out = args.out.expanduser() if args.out is not None else None  # '~/x' quoted, as a shell would
+    if isinstance(args.run_dir, str):  # s3:// or gs://
+        print(export_stored(args.run_dir, out, args.checkpoint, args.merge_lora))
+        return 0
     out = export_run(args.run_dir.expanduser(), out, args.checkpoint, args.merge_lora)
     print(out)
     return 0
 
 
+def local_copy(run_dir: Any) -> Any:  # Path | str -> Path
+    """A run directory on disk; an object-store run's small files pulled into its mirror."""
+    from launcher.run import sync
+    from launcher.run.store import mirror_dir, store_for
+
+    if not isinstance(run_dir, str):
+        return run_dir
+    mirror = mirror_dir(run_dir)
+    sync.pull(store_for(run_dir), mirror, sync.run_files(mirror))
+    return mirror
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from launcher.report import plot
 
-    out = plot.default_out(args.run_dirs, args.out)
-    for path in plot.save(plot.figures(args.run_dirs), out):
+    run_dirs = [local_copy(run_dir) for run_dir in args.run_dirs]
+    out = plot.default_out(run_dirs, args.out)
+    for path in plot.save(plot.figures(run_dirs), out):
         print(path)
     return 0
 

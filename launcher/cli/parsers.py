@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--show", type=positive_int, metavar="N",
                        help="also print N encoded training examples (trained tokens marked)")
     export = sub.add_parser("export", help="write a Hugging Face model directory from a run")
-    export.add_argument("run_dir", type=Path)
+    export.add_argument("run_dir", type=run_location, help="a run directory or s3://, gs:// prefix")
     export.add_argument("--checkpoint", type=int, metavar="STEP", help="default: newest")
     export.add_argument("--merge-lora", action="store_true", help="merge the adapter into the base")
     export.add_argument("--out", type=Path, help="default: RUN_DIR/final")
@@ -84,15 +85,41 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _report_parsers(sub: Any) -> None:
     plot = sub.add_parser("plot", help="draw a run's metrics (or several runs', overlaid) as PNGs")
-    plot.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR")
+    plot.add_argument("run_dirs", type=run_location, nargs="+", metavar="RUN_DIR")
     plot.add_argument("--out", type=Path, help="default: RUN_DIR/plots (required for several runs)")
     runs = sub.add_parser("runs", help="list the runs under a directory and their status")
-    runs.add_argument("root", type=Path, metavar="DIR")
+    runs.add_argument("root", type=on_disk("lists run directories on a filesystem"), metavar="DIR")
     runs.add_argument("--json", action="store_true", help="one JSON object per run")
     chat = sub.add_parser("chat", help="talk to a run's exported model (final/)")
-    chat.add_argument("run_dir", type=Path)
+    chat.add_argument("run_dir", type=on_disk("loads final/ from a run directory on disk"))
     chat.add_argument("--prompt", help="answer this one prompt and exit (default: read stdin lines)")
     chat.add_argument("--max-new-tokens", type=int, default=128)
+
+
+def run_location(value: str) -> Path | str:
+    """A run directory, or an object-store prefix (kept as text: a Path would fold '//')."""
+    from launcher.recipe.output_dir import is_uri, uri_problem
+
+    if not is_uri(value):
+        return Path(value)
+    problem = uri_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def on_disk(what: str) -> Callable[[str], Path]:
+    def parse(value: str) -> Path:
+        from launcher.recipe.output_dir import is_uri
+
+        if is_uri(value):
+            raise argparse.ArgumentTypeError(
+                f"'{value}' is in object storage; this command {what} (copy the run, or its "
+                "final/, to a local directory first)"
+            )
+        return Path(value)
+
+    return parse
 
 
 def memory_size(text: str) -> int:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.checkpoint.commit import committed
+from launcher.checkpoint.remote import committed_steps
 from launcher.driver import console, orchestrate, preflight, stop
 from launcher.driver.hang import HangWatcher
 from launcher.driver.prepare import prepare, recipe_locations
@@ -25,7 +26,9 @@ from launcher.errors import UserInputError
 from launcher.jobs.address import check_cluster_address
 from launcher.recipe import Recipe, load_recipe
 from launcher.run import liveness
-from launcher.run.export import export_run
+from launcher.run import sync
+from launcher.run.export import export_run, export_stored
+from launcher.run.store import local_run_dir, store_for
 from launcher.run.rundir import check_resumable, write_run_files
 
 # The planner's fit warning before launch (recipe, on_ray): it reads the GPUs of the cluster,
@@ -60,7 +63,9 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
         require(recipe, req.recipe)  # before anything starts
         prepared = prepare(recipe)
     recipe = prepared.recipe
-    run_dir = Path(recipe.output_dir)
+    run_dir, store = local_run_dir(recipe.output_dir), store_for(recipe.output_dir)
+    if store is not None:
+        sync.pull(store, run_dir, sync.run_files(run_dir))  # the store is the run's truth
     resuming = check_resumable(run_dir, recipe, req.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
@@ -74,11 +79,12 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
                 code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
         if signals.stopping:
             log.print_held()  # Ray's held start-up messages come before the stop report
-            return report_stop(signals, run_dir, req.argv)
+            return report_stop(signals, run_dir, req.argv, recipe.output_dir)
         if code != 0:
             driver.fail("training failed")
             return code
-        print(f"[ftlaunch] model exported and verified: {export_run(run_dir)}", file=sys.stderr)
+        final = export_run(run_dir) if store is None else export_stored(recipe.output_dir)
+        print(f"[ftlaunch] model exported and verified: {final}", file=sys.stderr)
     return code
 
 
@@ -87,6 +93,7 @@ def train_torchrun(
 ) -> int:
     fit_warning(prepared.recipe, False)
     write_run_files(run_dir, prepared.recipe, prepared.ds_config)
+    publish_run_files(prepared.recipe, run_dir)
     driver.claim()
     if signals.stopping:
         return 0
@@ -125,6 +132,7 @@ def train_ray(
         preflight.check_multi_node(recipe)
         fit_warning(recipe, True)
         write_run_files(run_dir, recipe, prepared.ds_config)
+        publish_run_files(recipe, run_dir)
         driver.claim()
         if signals.stopping:
             return 0
@@ -148,10 +156,21 @@ def train_ray(
     return 0
 
 
-def report_stop(signals, run_dir: Path, argv: Sequence[str]) -> int:
+def publish_run_files(recipe: Recipe, run_dir: Path) -> None:
+    """An object-store run's recipe and DeepSpeed config, in the store before any worker."""
+    store = store_for(recipe.output_dir)
+    if store is not None:
+        sync.push(store, run_dir, sync.recipe_files(run_dir))
+
+
+def report_stop(signals, run_dir: Path, argv: Sequence[str], output_dir: str = "") -> int:
     """After a signal: say what was kept and the command that continues the run."""
-    done = committed(run_dir) if run_dir.is_dir() else []
-    kept = f"newest committed checkpoint: step {done[0].step}" if done else "no checkpoint yet"
+    store = store_for(output_dir)
+    if store is not None:
+        steps = committed_steps(store)
+    else:
+        steps = [c.step for c in committed(run_dir)] if run_dir.is_dir() else []
+    kept = f"newest committed checkpoint: step {steps[0]}" if steps else "no checkpoint yet"
     print(
         f"ftlaunch: {signals.how()}; {kept}. To resume, run:\n  "
         f"{resume_command(argv)}",

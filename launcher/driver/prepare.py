@@ -37,6 +37,7 @@ from launcher.model.build import (
     resolve_attention,
 )
 from launcher.recipe.sections import DataSource
+from launcher.recipe.output_dir import is_uri
 from launcher.recipe import Recipe
 from launcher.model.trainable import apply_trainable, check_lr_groups
 from launcher.recipe.load import load_yaml_with_lines
@@ -99,9 +100,14 @@ def with_absolute_paths(recipe: Recipe) -> Recipe:
             "data": data,
             "deepspeed": deepspeed,
             "distill": distill,
-            "output_dir": str(Path(recipe.output_dir).expanduser().resolve()),
+            "output_dir": _absolute_output(recipe.output_dir),
         }
     )
+
+
+def _absolute_output(value: str) -> str:
+    """A path made absolute; an object-store prefix as given, without a trailing '/'."""
+    return value.rstrip("/") if is_uri(value) else str(Path(value).expanduser().resolve())
 
 
 def _absolute_dir(value: str | None) -> str | None:

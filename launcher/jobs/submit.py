@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePath
 
 from launcher.errors import UserInputError
+from launcher.recipe.output_dir import is_uri
 from launcher.recipe import load_recipe
 from launcher.jobs.address import check_cluster_address, check_transport, job_server_address
 from launcher.jobs.client import (
@@ -58,7 +59,7 @@ def run(req: SubmitRequest) -> int:
     check_transport(address, req.insecure, os.environ)
     env = parse_env(req.env)
     recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
-    if not PurePath(recipe.output_dir).is_absolute():
+    if not is_uri(recipe.output_dir) and not PurePath(recipe.output_dir).is_absolute():
         raise UserInputError(
             "output_dir",
             f"'{recipe.output_dir}' is relative: in a job it would land in the job's temporary "

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from launcher.recipe.output_dir import uri_problem
 from launcher.recipe.run_sections import (
     CheckpointSection,
     DeepSpeedSection,
@@ -76,7 +77,12 @@ TASK_FORMATS = {name: kind.formats for name, kind in TASKS.items()}
 
 
 class Recipe(Section):
-    output_dir: str = Field(description="Run directory: checkpoints, metrics and final model.")
+    output_dir: str = Field(
+        description="Run directory: checkpoints, metrics and final model. A path, or a prefix "
+        "in object storage (s3://BUCKET/PREFIX, gs://BUCKET/PREFIX) for clusters without a "
+        "shared filesystem: checkpoints and final/ are staged on node-local disk and uploaded; "
+        "credentials and endpoint come from the environment (AWS_*, GOOGLE_*)."
+    )
     task: Literal[TASK_NAMES] = Field(  # type: ignore[valid-type]
         "causal_lm",
         description="What is trained. causal_lm: next-token prediction; "
@@ -113,6 +119,14 @@ class Recipe(Section):
     checkpoint: CheckpointSection = Field(default_factory=CheckpointSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, value: str) -> str:
+        problem = uri_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @model_validator(mode="before")
     @classmethod

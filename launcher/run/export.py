@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from launcher.checkpoint import commit as ckpt
+from launcher.checkpoint import remote
 from launcher.durable import write_atomic
 from launcher.errors import ExportError, UserInputError
 from launcher.model.adapters import adapter_config
@@ -25,7 +26,9 @@ from launcher.model.build import DTYPES, auto_model_class, load_model_config, lo
 from launcher.recipe.sections import ModelSection
 from launcher.recipe import Recipe
 from launcher.run.probe import probe_ids
+from launcher.run import sync
 from launcher.run.rundir import RunDir, load_resolved
+from launcher.run.store import Store, mirror_dir, store_for
 from launcher.tasks.base import task_for
 
 EXPORT_MARK = "ftlaunch_export.json"  # in every export: the files it wrote
@@ -294,3 +297,60 @@ def _compare(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what
     error = ((got - expected).abs().max() / scale).item()
     if not error <= TOLERANCE[dtype]:
         raise ExportError(f"{what}: logits differ by {error:.2e} (tolerance {TOLERANCE[dtype]})")
+
+
+def export_stored(
+    output_dir: str, out: Path | None = None, step: int | None = None, merge_lora: bool = False
+) -> str:
+    """:func:`export_run` for a run in object storage: its files and the chosen committed
+    checkpoint are downloaded into the node-local mirror (and verified there, before anything
+    is unpickled); the export is verified locally, then ``final/`` is uploaded, its
+    ``ftlaunch_export.json`` last. With ``out``, the export stays in that local directory."""
+    store = store_for(output_dir)
+    run_dir = mirror_dir(output_dir)
+    sync.pull(store, run_dir, sync.run_files(run_dir))
+    if load_resolved(run_dir) is None:
+        raise UserInputError(output_dir, "not a run directory (no recipe.resolved.yaml there)")
+    steps = remote.committed_steps(store)
+    if step is None and ckpt.best_steps(run_dir):
+        step = ckpt.best_steps(run_dir)[0]
+    if step is not None and step not in steps:
+        raise UserInputError("--checkpoint", f"no committed checkpoint at step {step}; have {steps}")
+    if not steps:
+        raise UserInputError(output_dir, "no committed checkpoint to export")
+    chosen = ckpt.tag_for(step if step is not None else steps[0])
+    warn = lambda message: print(f"[ftlaunch] WARNING: {message}", file=sys.stderr)  # noqa: E731
+    unusable = remote.fetch_step(store, ckpt.checkpoints_dir(run_dir), chosen, warn)
+    if unusable:
+        raise UserInputError(store.where(remote.step_rel(chosen)), f"checkpoint is corrupt: {unusable}")
+    final = export_run(run_dir, out, int(chosen[len("step_"):]), merge_lora)
+    if out is not None:
+        return str(final)
+    upload_final(store, final)
+    return store.where("final")
+
+
+def upload_final(store: Store, final: Path) -> None:
+    """Replace the store's ``final/`` with a verified local export. Its mark goes first and
+    comes back last, so a ``final/`` without ``ftlaunch_export.json`` is an interrupted
+    upload; objects no earlier ftlaunch export listed are refused, untouched."""
+    present = store.listing("final")
+    listed = _listed(store.read_text(f"final/{EXPORT_MARK}"))
+    new = set(ckpt.present_files(final))
+    foreign = sorted(n for n in present if n not in listed and n not in new)
+    if foreign:
+        raise UserInputError(store.where("final"), f"holds objects ftlaunch did not write "
+                             f"({', '.join(foreign[:3])}); move them away, then export again")
+    store.delete(f"final/{EXPORT_MARK}")
+    for name in sorted(new - {EXPORT_MARK}):
+        store.upload(final / name, f"final/{name}")
+    store.upload(final / EXPORT_MARK, f"final/{EXPORT_MARK}")
+    for name in sorted(set(present) - new):
+        store.delete(f"final/{name}")
+
+
+def _listed(mark: str | None) -> set[str]:
+    try:
+        return set(json.loads(mark or "")["files"]) | {EXPORT_MARK}
+    except (ValueError, KeyError, TypeError):
+        return set()

@@ -57,6 +57,10 @@ class RunDir:
         return self.path / "checkpoints"
 
     @property
+    def best(self) -> Path:  # the step of the best evaluation (eval.early_stopping)
+        return self.checkpoints / "best.json"
+
+    @property
     def final(self) -> Path:  # the exported model
         return self.path / "final"
 

@@ -24,6 +24,8 @@ from launcher.recipe import Recipe
 from launcher.recipe.ds_config import zero_stage
 from launcher.run.probe import write_probe
 from launcher.run.rundir import RunDir
+from launcher.run.store import store_for
+from launcher.run.sync import push_from_worker
 from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective, Task, task_for
 from launcher.train import early_stop
@@ -68,6 +70,8 @@ def run(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> None:
         record_measured_peak(run_dir, peak_memory_gb(s.rank.device))
     if s.sink:
         s.sink.close()
+    if s.rank.rank == 0:
+        push_from_worker(recipe.output_dir, run_dir)  # an object-store run's metrics and probe
 
 
 def open_session(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> Session:
@@ -83,7 +87,8 @@ def open_session(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> Se
     attention = resolve_attention(recipe.model.attention, recipe.resources.use_gpu)
     layout = batch_layout(recipe, task, tokenizer, config.model_type, attention)
     inputs = prepare_inputs(recipe.data, recipe.labels, recipe.train, tokenizer, layout, rank)
-    resume_point = engine_state.find_resume_point(run_dir, recipe.checkpoint, rank)
+    store = store_for(recipe.output_dir)
+    resume_point = engine_state.find_resume_point(run_dir, recipe.checkpoint, rank, store)
     ds_config = engine_state.config_for(ds_config, resume_point)
     torch.manual_seed(recipe.train.seed)
     trainee = build_engine(recipe, task, ds_config, config, attention, inputs.steps)
@@ -94,7 +99,7 @@ def open_session(recipe: Recipe, ds_config: dict[str, Any], run_dir: Path) -> Se
         teacher = distill.load_teacher(recipe, ds_config, rank.device, dtype)
         objective = task.distill_objective(teacher, recipe.distill)
     start = engine_state.restore(trainee.engine, resume_point, rank)
-    engine_state.record_attempt(run_dir, start, resume_point, rank)
+    engine_state.record_attempt(run_dir, start, resume_point, rank, store)
     eval_ctx = None
     if inputs.validation is not None:
         stage3 = zero_stage(ds_config) == 3
@@ -197,6 +202,7 @@ def save(s: Session, step: int) -> None:
         before_commit=lambda: [
             fault_point(kind, step, s.run_dir, s.rank) for kind in ("save", "slow_save")
         ],
+        store=store_for(s.recipe.output_dir),
     )
 
 

@@ -24,9 +24,11 @@ from typing import Any
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe, load_recipe
+from launcher.recipe.output_dir import is_uri
 from launcher.driver.nodes import Node, alive_nodes, gather, on_node
 from launcher.driver.preflight.node import (
-    PREFLIGHT_DIR, NodeReport, allreduce, inspect_node, make_dirs, remove_files,
+    NodeReport, allreduce, inspect_node, read_token, remove_files, share_of, token_path,
+    write_token,
 )
 from launcher.driver.preflight.verdict import AllReduce, Failure, Preflight, evaluate, worker_hosts
 
@@ -44,13 +46,12 @@ def check_cluster(recipe: Recipe, timeout_s: float = TIMEOUT_S) -> Preflight:
     import ray
 
     nodes = tuple(alive_nodes())
-    share = Path(recipe.output_dir) / PREFLIGHT_DIR
+    share = share_of(recipe.output_dir)
     token = uuid.uuid4().hex
     runtime_env = {"env_vars": recipe.resources.worker_env()}
-    driver_file = share / f"driver-{token}"
+    driver_file = token_path(share, f"driver-{token}")
     try:
-        created = make_dirs(share)
-        driver_file.write_text(token)
+        created = write_token(share, f"driver-{token}", token)
     except OSError as e:
         raise UserInputError("output_dir", f"cannot write in {share}: {e}") from None
     reports: dict[str, NodeReport | str] = {}
@@ -64,7 +65,7 @@ def check_cluster(recipe: Recipe, timeout_s: float = TIMEOUT_S) -> Preflight:
         }
         reports = gather(refs, timeout_s)
         seen = {
-            node_id: Path(r.token_file).is_file()
+            node_id: read_token(share, r.token_file.rpartition("/")[2]) is not None
             for node_id, r in reports.items()
             if isinstance(r, NodeReport)
         }
@@ -74,7 +75,7 @@ def check_cluster(recipe: Recipe, timeout_s: float = TIMEOUT_S) -> Preflight:
         allreduce_result, allreduce_failures = _run_allreduce(hosts, reports, runtime_env)
     finally:
         _cleanup(nodes, reports, runtime_env)
-        remove_files([str(driver_file)], created)
+        remove_files([driver_file], created)
     driver_node = ray.get_runtime_context().get_node_id()
     failures = evaluate(recipe, nodes, reports, seen, driver_node) + allreduce_failures
     return Preflight(nodes, reports, allreduce_result, tuple(failures), str(share))
@@ -147,8 +148,9 @@ def run(
 
     check_cluster_address(address, insecure, os.environ)
     recipe = load_recipe(recipe_path, overrides, output_dir)
-    output_dir = Path(recipe.output_dir).expanduser().resolve()
-    recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
+    if not is_uri(recipe.output_dir):
+        output_dir = Path(recipe.output_dir).expanduser().resolve()
+        recipe = recipe.model_copy(update={"output_dir": str(output_dir)})
     started_here = orchestrate.connect(address, recipe.resources)
     try:
         result = check_cluster(recipe)

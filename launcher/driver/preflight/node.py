@@ -12,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 from launcher.driver.ports import free_port
+from launcher.recipe.output_dir import is_uri
+from launcher.run.store import Store, mirror_dir
 
 PACKAGES = ("torch", "transformers", "deepspeed", "peft", "ray")
 PREFLIGHT_DIR = ".preflight"
@@ -42,18 +44,17 @@ def inspect_node(share_dir: str, driver_token: str, node_token: str) -> NodeRepo
     versions["flash-attn"] = _flash_attn_version()
     gpus = torch.cuda.device_count()
     capability = min(torch.cuda.get_device_capability(i) for i in range(gpus)) if gpus else None
-    share = Path(share_dir)
     created: list[str] = []
     write_error = None
-    node_file = share / f"node-{node_token}"
     try:
-        created = make_dirs(share)
-        node_file.write_text(node_token)
+        created = write_token(share_dir, f"node-{node_token}", node_token)
     except OSError as e:
         write_error = f"{type(e).__name__}: {e}"
-    driver_file = share / f"driver-{driver_token}"
-    sees = driver_file.is_file() and driver_file.read_text() == driver_token
-    free = shutil.disk_usage(_existing_ancestor(share)).free
+    try:
+        sees = read_token(share_dir, f"driver-{driver_token}") == driver_token
+    except OSError:
+        sees = False
+    free = shutil.disk_usage(_existing_ancestor(local_share(share_dir))).free
     return NodeReport(
         versions,
         gpus,
@@ -61,16 +62,55 @@ def inspect_node(share_dir: str, driver_token: str, node_token: str) -> NodeRepo
         free,
         sees,
         write_error,
-        str(node_file),
+        token_path(share_dir, f"node-{node_token}"),
         tuple(created),
         free_port(),
     )
 
 
+def share_of(output_dir: str) -> str:
+    """Where the storage check's token files go: under output_dir (a path or a URI)."""
+    if is_uri(output_dir):
+        return f"{output_dir}/{PREFLIGHT_DIR}"
+    return str(Path(output_dir) / PREFLIGHT_DIR)
+
+
+def local_share(share_dir: str) -> Path:
+    """Where the node's checkpoints go: the share, or for object storage the run's mirror on
+    the node's own disk (its free space is what a save needs)."""
+    return mirror_dir(share_dir) / PREFLIGHT_DIR if is_uri(share_dir) else Path(share_dir)
+
+
+def token_path(share_dir: str, name: str) -> str:
+    return f"{share_dir}/{name}" if is_uri(share_dir) else str(Path(share_dir) / name)
+
+
+def write_token(share_dir: str, name: str, text: str) -> list[str]:
+    """Write one token file (or object); the directories created for it."""
+    if is_uri(share_dir):
+        Store(share_dir).upload_text(text, name)
+        return []
+    created = make_dirs(Path(share_dir))
+    (Path(share_dir) / name).write_text(text)
+    return created
+
+
+def read_token(share_dir: str, name: str) -> str | None:
+    if is_uri(share_dir):
+        return Store(share_dir).read_text(name)
+    path = Path(share_dir) / name
+    return path.read_text() if path.is_file() else None
+
+
 def remove_files(paths: Sequence[str], dirs: Sequence[str]) -> None:
-    """Runs on one node: remove its token file and the directories it created, if empty."""
+    """Runs on one node: remove its token file (or object) and the directories it created,
+    if empty."""
     for path in paths:
-        Path(path).unlink(missing_ok=True)
+        if is_uri(path):
+            uri, _, name = path.rpartition("/")
+            Store(uri).delete(name)
+        else:
+            Path(path).unlink(missing_ok=True)
     for directory in sorted(dirs, key=len, reverse=True):
         try:
             Path(directory).rmdir()

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
 from launcher.recipe.run_sections import ResourcesSection
 from launcher.recipe.sections import ModelSection
 from launcher.driver.nodes import Node
-from launcher.driver.preflight.node import PACKAGES, PREFLIGHT_DIR, NodeReport
+from launcher.driver.preflight.node import PACKAGES, NodeReport, share_of
+from launcher.recipe.output_dir import is_uri
 
 AGREE = ("python", *PACKAGES, "cuda")
 MIN_FREE_BYTES = 1 << 30
@@ -93,7 +93,7 @@ def evaluate(
     ref_id = reference_node if reference_node in ok else next(iter(ok))
     ref_node = next(n for n in nodes if n.node_id == ref_id)
     hosts = {n.node_id for n in worker_hosts(recipe.resources, nodes)}
-    share = Path(recipe.output_dir) / PREFLIGHT_DIR
+    share = share_of(recipe.output_dir)
     for n in nodes:
         report = ok.get(n.node_id)
         if report is None:
@@ -145,7 +145,7 @@ def _version_failures(
 
 
 def _storage_failures(
-    node: Node, report: NodeReport, driver_sees: bool, share: Path
+    node: Node, report: NodeReport, driver_sees: bool, share: str
 ) -> list[Failure]:
     if report.write_error:
         return [Failure(node.name, "storage", f"cannot write in {share}: {report.write_error}")]
@@ -154,6 +154,9 @@ def _storage_failures(
     missing = "the driver cannot read the file this node wrote"
     if not report.sees_driver_token:
         missing = "this node cannot read the file the driver wrote"
+    if is_uri(share):
+        return [Failure(node.name, "storage", f"{missing} in {share}: every node reaches the "
+                        "object store with the credentials and endpoint of its own environment")]
     return [
         Failure(
             node.name,

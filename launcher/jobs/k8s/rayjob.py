@@ -12,6 +12,7 @@ from typing import Any
 
 from launcher.errors import UserInputError
 from launcher.recipe import Recipe
+from launcher.recipe.output_dir import is_uri
 from launcher.recipe.run_sections import ResourcesSection
 from launcher.recipe.secrets import SECRETS_HELP, is_secret_name
 from launcher.jobs.k8s.names import RECIPE_DIR, RECIPE_FILE, labels, configmap_name, job_name
@@ -125,7 +126,7 @@ def container_env(resources: ResourcesSection, options: K8sOptions) -> list[dict
 def pod_output_dir(output_dir: str, name: str, options: K8sOptions) -> str | None:
     """The run directory in the pods with a PVC: output_dir if it is already on the PVC,
     else ``<pvc_mount>/<name>``. None without a PVC (the recipe's output_dir stands)."""
-    if not options.pvc:
+    if not options.pvc or is_uri(output_dir):  # object storage: every pod reaches it
         return None
     mount = PurePosixPath(options.pvc_mount)
     current = PurePosixPath(output_dir)
@@ -220,7 +221,8 @@ def render_rayjob(recipe: Recipe, recipe_path: str | Path, options: K8sOptions) 
     check_options(options)
     name = job_name(recipe.output_dir, recipe_path, options.name)
     layout = worker_layout(recipe.resources, options)
-    if not options.pvc and not PurePosixPath(recipe.output_dir).is_absolute():
+    pod_local = not (is_uri(recipe.output_dir) or PurePosixPath(recipe.output_dir).is_absolute())
+    if not options.pvc and pod_local:
         raise UserInputError(
             "--pvc",
             f"output_dir '{recipe.output_dir}' would be pod-local, so the head pod (the driver, "
