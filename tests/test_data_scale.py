@@ -222,6 +222,47 @@ def test_two_runs_racing_on_one_cache_both_succeed_with_the_same_data(tmp_path):
     assert len(list(cache.iterdir())) == 1
 
 
+def test_a_build_killed_mid_write_leaves_scratch_the_next_build_removes(tok, tmp_path):
+    """SIGKILL (no clean-up runs) while a process writes a cache entry: its scratch directory
+    stays; the next build on this host removes it, and only it: a live process's scratch,
+    another host's and a name ftlaunch does not write are kept."""
+    import signal
+    import socket
+
+    from launcher.data.pipeline import remove_abandoned_scratch
+
+    script, go, cache = tmp_path / "race.py", tmp_path / "go", tmp_path / "cache"
+    script.write_text(RACE_SCRIPT)
+    go.touch()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([sys.executable, str(script), str(DATA / "tokenizer"),
+                             str(DATA / "digits_train.jsonl"), str(cache), str(go), "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while not (cache.is_dir() and any(p.name.startswith(".") for p in cache.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    abandoned = [p for p in cache.iterdir() if p.name.startswith(".")]
+    assert len(abandoned) == 1 and f".{proc.pid}." in abandoned[0].name
+    host = socket.gethostname().replace(".", "_")
+    kept = [cache / f".{'a' * 32}.{host}.{os.getpid()}.live", cache / f".{'b' * 32}.elsewhere.1.x",
+            cache / ".not-ours", cache / f".{'c' * 32}.{host}.{proc.pid}.file"]
+    for path in kept[:3]:
+        path.mkdir()
+    kept[3].write_text("a file, not a directory ftlaunch made")
+    cfg = DataSection(train=str(DATA / "digits_train.jsonl"), format="instruction",
+                      val_fraction=0.1, cache_dir=str(cache), num_proc=2)
+    data = prepare_data(cfg, tok, seed=0)
+    assert len(data.train) > 0
+    assert not abandoned[0].exists()
+    assert all(p.exists() for p in kept)
+    assert remove_abandoned_scratch(cache) == []
+
+
 def _bad_file(tmp_path: Path, line: str) -> tuple[Path, int]:
     """4,000 good rows with one bad row deep in the second process's half."""
     rows = (DATA / "digits_train.jsonl").read_text().splitlines()

@@ -8,7 +8,10 @@ published only when whole."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,13 +62,46 @@ def prepare_data(
 @contextmanager
 def _scratch(root: Path, name: str) -> Iterator[Path]:
     """A new directory beside the entry (same filesystem: the rename is atomic), removed
-    afterwards whatever happens, unless it was renamed into place."""
+    afterwards whatever happens, unless it was renamed into place. Its name says which
+    process on which host writes it, so the scratch of a process that was killed (SIGKILL,
+    a lost node) is found and removed by the next build on that host."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}."))
+    remove_abandoned_scratch(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.{_HOST}.{os.getpid()}."))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_HOST = socket.gethostname().replace(".", "_")
+_SCRATCH = re.compile(r"\.(?:[0-9a-f]{32}|uncached)\.(?P<host>[^.]+)\.(?P<pid>\d+)\.[^.]+")
+
+
+def remove_abandoned_scratch(root: Path) -> list[Path]:
+    """Remove scratch directories under ``root`` that a process of this host wrote and that
+    process is gone. Anything else is left: another host's (its process may be alive), a
+    live process's, and every name ftlaunch does not write."""
+    removed = []
+    for path in root.iterdir():
+        match = _SCRATCH.fullmatch(path.name)
+        if match is None or match["host"] != _HOST or not path.is_dir():
+            continue
+        if _alive(int(match["pid"])):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def build_entry(
