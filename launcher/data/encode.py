@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from launcher.data import labels as label_formats
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError, SplitStats
 from launcher.errors import UserInputError
@@ -104,14 +106,20 @@ def chat_item(
     renders prefixes consistently works, without special template markers.
     """
     messages = chat_messages(row, cfg)
+    rendered: dict[tuple[int, bool], str] = {}
 
     def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
-        try:
-            return tokenizer.apply_chat_template(
-                msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
-            )
-        except Exception as e:  # jinja2 raises whatever the template's own code raises
-            raise RowError(f"the chat template cannot render this conversation: {e}") from None
+        """``msgs`` is always a prefix of ``messages``: each prefix is rendered once (the
+        last assistant turn's rendering is the whole conversation's)."""
+        key = (len(msgs), gen)
+        if key not in rendered:
+            try:
+                rendered[key] = tokenizer.apply_chat_template(
+                    msgs, tokenize=False, add_generation_prompt=gen, chat_template=template
+                )
+            except Exception as e:  # jinja2 raises whatever the template's own code raises
+                raise RowError(f"the chat template cannot render this conversation: {e}") from None
+        return rendered[key]
 
     text = render(messages)
     spans = [
@@ -132,11 +140,11 @@ def chat_tokens(
         if cfg.train_on_prompt:
             out.append(Encoded(ids, list(ids)))
             continue
-        labels = [
-            tok if any(lo <= start < hi for lo, hi in spans) else IGNORE_INDEX
-            for tok, (start, _end) in zip(ids, offsets)
-        ]
-        out.append(Encoded(ids, labels))
+        starts = np.fromiter((start for start, _end in offsets), np.int64, len(offsets))
+        trained = np.zeros(len(ids), bool)
+        for lo, hi in spans:  # a token is trained when it starts inside an assistant span
+            trained |= (starts >= lo) & (starts < hi)
+        out.append(Encoded(ids, np.where(trained, ids, IGNORE_INDEX).tolist()))
     return out
 
 
