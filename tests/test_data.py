@@ -16,6 +16,7 @@ from launcher.data.cache import cache_key
 from launcher.data.encode import encode_rows
 from launcher.data.pipeline import prepare_data
 from launcher.data.read import read_rows
+from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection
 from tests.conftest import DATA, TINY_LLAMA
 
@@ -72,6 +73,55 @@ def test_multi_turn_trains_every_assistant_turn(tok, tmp_path):
     cfg = section(format="chat", train=str(path))
     (enc,), _ = encode_rows(read_rows(cfg.train), cfg, tok)
     assert decode_trained(tok, enc) == "three </s> four </s>"
+
+
+MARKED_TEMPLATE = (
+    "{{ bos_token }} {% for m in messages %}<|{{ m['role'] }}|> {% if m['role'] == 'assistant' %}"
+    "{% generation %}{{ m['content'] }} {{ eos_token }}{% endgeneration %}"
+    "{% else %}{{ m['content'] }} {{ eos_token }}{% endif %} {% endfor %}"
+)
+
+
+def test_a_template_that_marks_generation_trains_what_it_marks(tok, tmp_path):
+    """A template with {% generation %} blocks: the trained tokens are transformers'
+    assistant mask, the same tokens the prefix rendering finds with the unmarked template;
+    in tokenizing processes too; a conversation it cannot render still names its line."""
+    convo = {"messages": [
+        {"role": "system", "content": "you are a helpful calculator"},
+        {"role": "user", "content": "add 1 2"}, {"role": "assistant", "content": "three"},
+        {"role": "user", "content": "add 2 2"}, {"role": "assistant", "content": "four"},
+    ]}
+    path = tmp_path / "multi.jsonl"
+    path.write_text(json.dumps(convo) + "\n" + (DATA / "digits_chat_train.jsonl").read_text())
+    marked = section(format="chat", train=str(path), chat_template=MARKED_TEMPLATE)
+    rows = read_rows(marked.train)
+    encoded, _ = encode_rows(rows, marked, tok)
+    assert decode_trained(tok, encoded[0]) == "three </s> four </s>"
+    mask = tok.apply_chat_template(convo["messages"], tokenize=True, return_dict=True,
+                                   return_assistant_tokens_mask=True,
+                                   chat_template=MARKED_TEMPLATE)
+    assert encoded[0].input_ids == list(mask["input_ids"])
+    assert encoded[0].labels == [i if m else IGNORE_INDEX
+                                 for i, m in zip(mask["input_ids"], mask["assistant_masks"])]
+    unmarked, _ = encode_rows(rows, section(format="chat", train=str(path),
+                                            chat_template=MARKED_TEMPLATE.replace(
+                                                "{% generation %}", "").replace(
+                                                "{% endgeneration %}", "")), tok)
+    assert [e.labels for e in encoded] == [e.labels for e in unmarked]
+    data = prepare_data(section(format="chat", train=str(path), chat_template=MARKED_TEMPLATE,
+                                num_proc=2, cache_dir=str(tmp_path / "c"), validation=None),
+                        tok, seed=0)
+    assert data.train.labels.tolist() == [t for e in encoded for t in e.labels]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(convo) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x"}]})
+        + "\n")
+    raising = MARKED_TEMPLATE.replace(
+        "{% for m in messages %}",
+        "{% for m in messages %}{% if m['content'] == 'x' %}{{ raise_exception('no x') }}{% endif %}")
+    with pytest.raises(UserInputError, match=f"{bad}:2: .*no x"):
+        encode_rows(read_rows(section(format="chat", train=str(bad)).train),
+                    section(format="chat", train=str(bad), chat_template=raising), tok)
 
 
 def test_named_chat_template_is_used(tok, tmp_path):

@@ -122,6 +122,8 @@ def chat_item(
         return rendered[key]
 
     text = render(messages)
+    if marks_generation(template or tokenizer.chat_template):
+        return MarkedChat(messages)
     spans = [
         assistant_span(render, messages, i, text)
         for i, message in enumerate(messages)
@@ -130,9 +132,62 @@ def chat_item(
     return text, spans
 
 
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def marks_generation(template: Any) -> bool:
+    """Whether a chat template marks the tokens to train on itself, with ``{% generation %}``
+    blocks (transformers' ``return_assistant_tokens_mask``)."""
+    return isinstance(template, str) and GENERATION_BLOCK.search(template) is not None
+
+
+@dataclass(frozen=True)
+class MarkedChat:
+    """A conversation whose template marks its trained tokens: they are what the template's
+    generation blocks enclose, taken from the tokenizer with the tokens, in one batch (the
+    conversation was rendered once already, so a template error names its row)."""
+
+    messages: list[dict[str, str]]
+
+
 def chat_tokens(
+    items: Sequence[tuple[str, list[tuple[int, int]]] | MarkedChat], cfg: DataSection,
+    tokenizer: Any, template: str | None = None,
+) -> list[Encoded]:
+    marked = [n for n, item in enumerate(items) if isinstance(item, MarkedChat)]
+    if not marked:
+        return _span_tokens(items, cfg, tokenizer)
+    out: list[Encoded | None] = [None] * len(items)
+    for n, enc in zip(marked, _marked_tokens([items[n] for n in marked], cfg, tokenizer, template)):
+        out[n] = enc
+    rest = [n for n in range(len(items)) if out[n] is None]
+    for n, enc in zip(rest, _span_tokens([items[n] for n in rest], cfg, tokenizer)):
+        out[n] = enc
+    return out
+
+
+def _marked_tokens(
+    items: Sequence[MarkedChat], cfg: DataSection, tokenizer: Any, template: str | None
+) -> list[Encoded]:
+    enc = tokenizer.apply_chat_template(
+        [item.messages for item in items], tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True, chat_template=template,
+    )
+    out = []
+    for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
+        ids = list(ids)
+        if cfg.train_on_prompt:
+            out.append(Encoded(ids, list(ids)))
+        else:
+            out.append(Encoded(ids, np.where(np.asarray(mask, bool), ids, IGNORE_INDEX).tolist()))
+    return out
+
+
+def _span_tokens(
     items: Sequence[tuple[str, list[tuple[int, int]]]], cfg: DataSection, tokenizer: Any
 ) -> list[Encoded]:
+    if not items:
+        return []
     enc = tokenizer([text for text, _ in items], add_special_tokens=False,
                     return_offsets_mapping=True)
     out = []
@@ -278,7 +333,7 @@ class Encoder:
         if cfg.format == "instruction":
             return instruction_tokens(items, cfg, tok)
         if cfg.format == "chat":
-            return chat_tokens(items, cfg, tok)
+            return chat_tokens(items, cfg, tok, self.template)
         if cfg.format == "classification":
             return label_formats.classification_tokens(items, cfg, tok)
         if cfg.format == "tagging":
