@@ -121,9 +121,9 @@ def chat_item(
                 raise RowError(f"the chat template cannot render this conversation: {e}") from None
         return rendered[key]
 
-    text = render(messages)
     if marks_generation(template or tokenizer.chat_template):
         return MarkedChat(messages)
+    text = render(messages)
     spans = [
         assistant_span(render, messages, i, text)
         for i, message in enumerate(messages)
@@ -144,10 +144,17 @@ def marks_generation(template: Any) -> bool:
 @dataclass(frozen=True)
 class MarkedChat:
     """A conversation whose template marks its trained tokens: they are what the template's
-    generation blocks enclose, taken from the tokenizer with the tokens, in one batch (the
-    conversation was rendered once already, so a template error names its row)."""
+    generation blocks enclose, rendered and tokenized by the tokenizer in one batch call."""
 
     messages: list[dict[str, str]]
+
+
+class RowErrorAt(RowError):
+    """A row of a batch (its index) that cannot be encoded."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
 
 
 def chat_tokens(
@@ -169,10 +176,22 @@ def chat_tokens(
 def _marked_tokens(
     items: Sequence[MarkedChat], cfg: DataSection, tokenizer: Any, template: str | None
 ) -> list[Encoded]:
-    enc = tokenizer.apply_chat_template(
-        [item.messages for item in items], tokenize=True, return_dict=True,
-        return_assistant_tokens_mask=True, chat_template=template,
-    )
+    def call(conversations: list[list[dict[str, str]]]) -> Any:
+        return tokenizer.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+            chat_template=template,
+        )
+
+    try:
+        enc = call([item.messages for item in items])
+    except Exception:  # jinja2 raises whatever the template's own code raises: find the row
+        for n, item in enumerate(items):
+            try:
+                call([item.messages])
+            except Exception as e:
+                raise RowErrorAt(
+                    n, f"the chat template cannot render this conversation: {e}") from None
+        raise
     out = []
     for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
         ids = list(ids)
@@ -314,7 +333,10 @@ class Encoder:
                 items.append(self._item(row))
             except RowError as e:
                 raise UserInputError(where, str(e)) from None
-        return self._tokens(items) if items else []
+        try:
+            return self._tokens(items) if items else []
+        except RowErrorAt as e:  # a row the batch call found: every row gave one item
+            raise UserInputError(wheres[e.index], str(e)) from None
 
     def _item(self, row: dict[str, Any]) -> Any:
         cfg, labels = self.cfg, self.labels
