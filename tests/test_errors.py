@@ -117,3 +117,21 @@ def test_user_input_error_survives_the_trip_from_a_worker():
     back = pickle.loads(pickle.dumps(UserInputError("checkpoint.resume_from", "none is intact")))
     assert (back.where, back.message) == ("checkpoint.resume_from", "none is intact")
     assert str(back) == "checkpoint.resume_from: none is intact"
+
+
+def test_a_stop_is_remembered_for_its_command_only():
+    """SIGTERM inside signals_raise raises Terminated and is remembered; the next command in
+    the same process starts with no stop recorded, so its own errors stay errors."""
+    import os
+    import signal
+
+    import pytest
+
+    from launcher.driver.stop import Terminated, signal_received, signals_raise
+
+    with pytest.raises(Terminated), signals_raise():
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.pause()
+    assert signal_received() == signal.SIGTERM
+    with signals_raise():
+        assert signal_received() is None

@@ -137,6 +137,7 @@ def signals_raise() -> Iterator[None]:
         yield
         return
     owner = os.getpid()
+    _received.clear()  # a stop belongs to one command: a later one in this process starts clean
 
     def handler(signum: int, frame: Any) -> None:
         if os.getpid() != owner:
