@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from launcher.data import labels as label_formats
+from launcher.data.marked_chat import MarkedChat, RowErrorAt, marked_tokens, marks_generation
 from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError, SplitStats
 from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection, LabelsSection
@@ -132,31 +133,6 @@ def chat_item(
     return text, spans
 
 
-GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
-
-
-def marks_generation(template: Any) -> bool:
-    """Whether a chat template marks the tokens to train on itself, with ``{% generation %}``
-    blocks (transformers' ``return_assistant_tokens_mask``)."""
-    return isinstance(template, str) and GENERATION_BLOCK.search(template) is not None
-
-
-@dataclass(frozen=True)
-class MarkedChat:
-    """A conversation whose template marks its trained tokens: they are what the template's
-    generation blocks enclose, rendered and tokenized by the tokenizer in one batch call."""
-
-    messages: list[dict[str, str]]
-
-
-class RowErrorAt(RowError):
-    """A row of a batch (its index) that cannot be encoded."""
-
-    def __init__(self, index: int, message: str):
-        super().__init__(message)
-        self.index = index
-
-
 def chat_tokens(
     items: Sequence[tuple[str, list[tuple[int, int]]] | MarkedChat], cfg: DataSection,
     tokenizer: Any, template: str | None = None,
@@ -165,40 +141,11 @@ def chat_tokens(
     if not marked:
         return _span_tokens(items, cfg, tokenizer)
     out: list[Encoded | None] = [None] * len(items)
-    for n, enc in zip(marked, _marked_tokens([items[n] for n in marked], cfg, tokenizer, template)):
+    for n, enc in zip(marked, marked_tokens([items[n] for n in marked], cfg, tokenizer, template)):
         out[n] = enc
     rest = [n for n in range(len(items)) if out[n] is None]
     for n, enc in zip(rest, _span_tokens([items[n] for n in rest], cfg, tokenizer)):
         out[n] = enc
-    return out
-
-
-def _marked_tokens(
-    items: Sequence[MarkedChat], cfg: DataSection, tokenizer: Any, template: str | None
-) -> list[Encoded]:
-    def call(conversations: list[list[dict[str, str]]]) -> Any:
-        return tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-            chat_template=template,
-        )
-
-    try:
-        enc = call([item.messages for item in items])
-    except Exception:  # jinja2 raises whatever the template's own code raises: find the row
-        for n, item in enumerate(items):
-            try:
-                call([item.messages])
-            except Exception as e:
-                raise RowErrorAt(
-                    n, f"the chat template cannot render this conversation: {e}") from None
-        raise
-    out = []
-    for ids, mask in zip(enc["input_ids"], enc["assistant_masks"]):
-        ids = list(ids)
-        if cfg.train_on_prompt:
-            out.append(Encoded(ids, list(ids)))
-        else:
-            out.append(Encoded(ids, np.where(np.asarray(mask, bool), ids, IGNORE_INDEX).tolist()))
     return out
 
 
