@@ -4,7 +4,7 @@ The model is always called as a whole (through the DeepSpeed engine, the peft wr
 the Hugging Face forward), so every framework hook runs as usual; it is asked for its final
 hidden state and for no logits (``logits_to_keep`` selects none). The output projection and
 the cross-entropy then run only on target positions, either in chunks that are recomputed in
-the backward pass (``chunked``: peak memory holds one chunk's logits, never ``[tokens, vocab]``)
+the backward pass, but for the last (``chunked``: peak memory holds one chunk's logits, never ``[tokens, vocab]``)
 or in Liger's fused linear cross-entropy (``fused``, GPU). The projection is applied by calling
 the ``lm_head`` module, so ZeRO-3 gathers its weight through its own hooks.
 """
@@ -101,8 +101,8 @@ def shifted_targets(
 def chunked_loss_sum(
     head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """Cross-entropy of ``head(hidden)`` chunk by chunk; in training each chunk's logits are
-    recomputed in the backward pass instead of being kept."""
+    """Cross-entropy of ``head(hidden)`` chunk by chunk; in training each chunk's logits but
+    the last are recomputed in the backward pass instead of being kept."""
     chunks = math.ceil(len(targets) / chunk_size)
     if _partitioned(head) and dist.is_initialized():
         # Under ZeRO-3 every call of the head gathers its weight collectively, so all ranks
@@ -117,9 +117,14 @@ def chunked_loss_sum(
     if not any(p.requires_grad for p in head.parameters()):
         return _FrozenHeadLoss.apply(hidden, targets, head, spans)
     total = zero + hidden.sum() * 0.0  # a graph even when there is no chunk
-    for s in spans:
+    if not spans:
+        return total
+    *recomputed, last = spans
+    for s in recomputed:
         total = total + checkpoint(_chunk_loss, head, hidden[s], targets[s], use_reentrant=False)
-    return total
+    # The backward pass starts with the last chunk: its logits, kept from the forward pass,
+    # are used at once, so keeping them costs no more memory than recomputing them would.
+    return total + _chunk_loss(head, hidden[last], targets[last])
 
 
 def _chunk_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
