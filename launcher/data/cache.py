@@ -84,14 +84,16 @@ def cache_key(
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FTLAUNCH_CACHE", Path.home() / ".cache" / "ftlaunch")) / "tokenized"
 
-def read_cache(entry: Path) -> PreparedData | None:
+def read_cache(entry: Path, verified: bool = False) -> PreparedData | None:
     """The cached splits, memory-mapped, or None when the entry is missing or does not match
     the checksums its meta.json records (a crash mid-write, a truncated or altered file): it
-    is rebuilt. Every file is hashed before it is mapped."""
+    is rebuilt. Every file is hashed before it is mapped, unless ``verified``: the entry was
+    just published by this process, whose checksums are of the bytes it wrote, or verified by
+    it (``publish``)."""
     try:
         meta = json.loads((entry / "meta.json").read_text())
         for name, digest in meta["files"].items():
-            if sha256_file(entry / name) != digest:
+            if not verified and sha256_file(entry / name) != digest:
                 return None
         names = ("train", "validation") if meta["has_validation"] else ("train",)
         if not all(f"{n}.{a}.npy" in meta["files"] for n in names for a in REQUIRED):
@@ -132,7 +134,9 @@ def write_meta(entry: Path, prepared_stats: dict[str, SplitStats], checksums: di
 def publish(tmp: Path, entry: Path) -> None:
     """fsync a finished entry written in ``tmp`` (beside ``entry``) and rename it into place,
     so no reader (and no later run after a crash) sees half a cache; an intact entry another
-    process published first wins, a corrupt one in the way is replaced."""
+    process published first wins, a corrupt one in the way is replaced. Either way the entry
+    in place afterwards has been verified: this process's own bytes were hashed as they were
+    written, another's are hashed before they win (an intact entry is never replaced)."""
     for path in tmp.iterdir():
         fsync_path(path)
     fsync_path(tmp)

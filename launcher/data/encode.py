@@ -328,7 +328,7 @@ def finish(enc: Encoded, cfg: DataSection) -> tuple[int, Encoded]:
         types = enc.token_type_ids[:n] if enc.token_type_ids is not None else None
         enc = Encoded(enc.input_ids[:n], enc.labels[:n], enc.target, types)
     trained = enc.labels if cfg.format == "tagging" else enc.labels[1:]
-    if enc.target is None and all(t == IGNORE_INDEX for t in trained):
+    if enc.target is None and trained.count(IGNORE_INDEX) == len(trained):
         return NO_TARGET, enc
     return (TRUNCATED if cut else KEPT), enc
 

@@ -44,7 +44,7 @@ def prepare_data(
     if key is None:  # not identifiable: tokenized afresh, mapped, and the files unlinked
         with _scratch(root, "uncached") as tmp:
             build_entry(cfg, tokenizer, seed, labels, tmp)
-            data = read_cache(tmp)
+            data = read_cache(tmp, verified=True)
         if data is None:
             raise RuntimeError(f"the tokenized data written under {root} does not verify")
         return data
@@ -56,6 +56,9 @@ def prepare_data(
         with _scratch(root, key) as tmp:
             build_entry(cfg, tokenizer, seed, labels, tmp)
             publish(tmp, entry)
+        published = read_cache(entry, verified=True)
+        if published is not None:
+            return published
     raise RuntimeError(f"the cache entry {entry} does not verify after it was written")
 
 
