@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from launcher.data.encode import KEPT, TRUNCATED, Encoder, finish
-from launcher.data.rowtable import CHUNK_ROWS, RowNaming, RowTable
+from launcher.data.rowtable import RowNaming, RowTable
 
 
 ROWS_PER_PROCESS = 1000  # a file of fewer rows is tokenized in this process (= map's batch)
@@ -99,17 +99,13 @@ def encode_tables(
         ds = table.dataset
         if len(ds) == 0:
             continue
-        chunked = table.naming.path is not None  # a JSON Lines chunk: CHUNK_ROWS lines
-        per_call = 1 if chunked else ROWS_PER_PROCESS
-        procs = max(1, min(num_proc, len(ds) // per_call))
-        what = f"tokenizing {table.naming.prefix.rstrip(': ')}"
+        procs = max(1, min(num_proc, len(ds) // ROWS_PER_PROCESS))
         out = ds.map(
-            encode_batch, batched=True, batch_size=per_call, with_indices=True,
+            encode_batch, batched=True, batch_size=ROWS_PER_PROCESS, with_indices=True,
             num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
             features=features, fn_kwargs={"naming": table.naming, "encoder": encoder},
             cache_file_name=str(work / f"encoded-{n}.arrow"), load_from_cache_file=False,
-            new_fingerprint=uuid.uuid4().hex,
-            desc=f"{what} (chunks of {CHUNK_ROWS:,} lines)" if chunked else what,
+            new_fingerprint=uuid.uuid4().hex, desc=f"tokenizing {table.naming.prefix.rstrip(': ')}",
         )
         files.extend(Path(f["filename"]) for f in out.cache_files)
         lengths.append(out.data.column("length").to_numpy())

@@ -81,62 +81,19 @@ JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a numb
               bool: "true/false", type(None): "null"}
 
 
-def open_binary(path: Path) -> Any:
-    try:
-        return path.open("rb")
-    except OSError as e:
-        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
-
-
 def jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
     """The non-blank lines of a JSON Lines file and their numbers; a UTF-8 byte-order mark
     and CRLF endings are fine; a line that is not UTF-8 is an error naming it."""
-    with open_binary(path) as f:
-        for start, stop, first in jsonl_chunks(path, 10_000):
-            f.seek(start)
-            yield from chunk_lines(f.read(stop - start), first, path)
-
-
-def jsonl_chunks(
-    path: Path, rows: int, min_bytes: int = 1 << 12
-) -> Iterator[tuple[int, int, int]]:
-    """A JSON Lines file cut into chunks of whole lines, about ``rows`` lines each (their
-    size in bytes is estimated from the file's first lines): each chunk's byte range
-    ``[start, stop)`` and the number of its first line. Only newlines are counted; a line
-    longer than a chunk makes a longer chunk."""
-    start, line, pending = 0, 1, 0  # pending: bytes read after the last newline
-    with open_binary(path) as f:
-        sample = f.read(SAMPLE_BYTES)
-        size = max(min_bytes, rows * len(sample) // max(1, sample.count(b"\n")))
-        f.seek(0)
-        while block := f.read(size):
-            last = block.rfind(b"\n")
-            if last < 0:
-                pending += len(block)
-                continue
-            stop = start + pending + last + 1
-            yield start, stop, line
-            line += block.count(b"\n", 0, last + 1)
-            start, pending = stop, len(block) - last - 1
-    if pending:
-        yield start, start + pending, line
-
-
-SAMPLE_BYTES = 1 << 16
-
-
-def chunk_lines(data: bytes, first: int, path: Path) -> Iterator[tuple[int, str]]:
-    """The non-blank lines of a chunk of a JSON Lines file whose first line is ``first``
-    (the file's first line may start with a UTF-8 byte-order mark), with their numbers."""
-    if first == 1:
-        data = data.removeprefix(codecs.BOM_UTF8)
     try:
-        lines = data.decode("utf-8").split("\n")
-    except UnicodeDecodeError:  # decoded line by line to name the line
-        lines = [_decode_line(raw, f"{path}:{n}") for n, raw in enumerate(data.split(b"\n"), first)]
-    for number, line in enumerate(lines, start=first):
-        if line.strip():
-            yield number, line
+        f = path.open("rb")
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
+    with f:
+        for number, raw in enumerate(f, start=1):
+            line = _decode_line(raw.removeprefix(codecs.BOM_UTF8) if number == 1 else raw,
+                                f"{path}:{number}")
+            if line.strip():
+                yield number, line
 
 
 def parse_object(line: str, where: str) -> dict[str, Any]:
@@ -151,8 +108,11 @@ def parse_object(line: str, where: str) -> dict[str, Any]:
 def is_json_array(path: Path) -> bool:
     """A .json file holding an array (read here, with line numbers); any other .json (JSON
     Lines under that name, a columnar object) is read by ``datasets``."""
-    with open_binary(path) as f:
-        head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+    try:
+        with path.open("rb") as f:
+            head = f.read(1 << 16).removeprefix(codecs.BOM_UTF8)
+    except OSError as e:
+        raise UserInputError(str(path), f"cannot read: {e.strerror}") from None
     return head.lstrip().startswith(b"[")
 
 

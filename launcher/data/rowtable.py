@@ -1,12 +1,10 @@
-"""A source's rows as Arrow tables, so tokenizing processes share them and no process holds
-a Python list of every row.
+"""A source's rows as Arrow tables on disk, so tokenizing processes share them memory-mapped
+and no process holds a Python list of every row.
 
-A JSON Lines file becomes a table of byte ranges (chunks of whole lines, each with the number
-of its first line): the driver only counts newlines, and the tokenizing processes read,
-split and parse their chunks in parallel. CSV and JSON-array files are split into rows here
-(one pass, line numbers kept) and stored as each row's JSON text and line number. Parquet,
-other JSON and hub datasets already are Arrow tables (``datasets`` keeps them memory-mapped)
-and are used as they are, rows named by their index from 1."""
+JSON Lines, CSV and JSON-array files are split into rows here (one pass, line numbers kept)
+and stored as each row's JSON text and line number; the tokenizing processes parse them.
+Parquet, other JSON and hub datasets already are Arrow tables (``datasets`` keeps them
+memory-mapped) and are used as they are, rows named by their index from 1."""
 
 from __future__ import annotations
 
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from launcher.data.read import (
-    chunk_lines,
     csv_records,
     file_dataset,
     hub_dataset,
@@ -25,50 +22,33 @@ from launcher.data.read import (
     is_json_array,
     is_local,
     json_array_elements,
-    jsonl_chunks,
+    jsonl_lines,
     local_files,
-    open_binary,
     parse_object,
 )
 from launcher.recipe.sections import DataSource
 
 
 WRITE_BATCH = 8192
-CHUNK_ROWS = 1000  # lines of a JSON Lines chunk, one ``map`` call
 
 
 @dataclass(frozen=True)
 class RowNaming:
-    """How a table's rows are read and named. ``chunks``: columns ``start``, ``stop`` and
-    ``line``, byte ranges of the JSON Lines file ``path``, a row named ``prefix + line``;
-    ``raw``: columns ``line`` and ``row`` (a JSON object's text), named the same way; else
-    the file's own columns, row i named ``prefix + (i + 1)``."""
+    """How a table's rows are read and named. ``raw``: columns ``line`` and ``row`` (a JSON
+    object's text), a row named ``prefix + line``; else the file's own columns, row i named
+    ``prefix + (i + 1)``."""
 
     prefix: str
     raw: bool
-    path: Path | None = None
 
     def rows(self, batch: dict[str, list[Any]], indices: list[int]) -> tuple[list[dict], list[str]]:
         """A batch of ``dataset.map`` as row dicts and the place each row comes from."""
-        if self.path is not None:
-            return self._chunk_rows(batch)
         if self.raw:
             wheres = [f"{self.prefix}{line}" for line in batch["line"]]
             return [parse_object(text, w) for text, w in zip(batch["row"], wheres)], wheres
         names = list(batch)
         rows = [dict(zip(names, values)) for values in zip(*(batch[n] for n in names))]
         return rows, [f"{self.prefix}{i + 1}" for i in indices]
-
-    def _chunk_rows(self, batch: dict[str, list[Any]]) -> tuple[list[dict], list[str]]:
-        rows, wheres = [], []
-        with open_binary(self.path) as f:
-            for start, stop, first in zip(batch["start"], batch["stop"], batch["line"]):
-                f.seek(start)
-                for number, text in chunk_lines(f.read(stop - start), first, self.path):
-                    where = f"{self.prefix}{number}"
-                    rows.append(parse_object(text, where))
-                    wheres.append(where)
-        return rows, wheres
 
 
 @dataclass(frozen=True)
@@ -83,9 +63,6 @@ def row_tables(source: DataSource, numeric: frozenset[str], work: Path) -> list[
         return [RowTable(hub_dataset(source), RowNaming(hub_row_prefix(source), raw=False))]
     tables = []
     for n, path in enumerate(local_files(source)):
-        if path.suffix == ".jsonl":
-            tables.append(RowTable(_chunk_table(path), RowNaming(f"{path}:", True, path)))
-            continue
         records = _records(path, numeric)
         if records is None:
             tables.append(RowTable(file_dataset(path), RowNaming(f"{path}:row ", raw=False)))
@@ -95,20 +72,10 @@ def row_tables(source: DataSource, numeric: frozenset[str], work: Path) -> list[
     return tables
 
 
-def _chunk_table(path: Path) -> Any:
-    """A JSON Lines file as a table of its chunks (``start``, ``stop``, ``line``)."""
-    import datasets
-
-    starts, stops, lines = [], [], []
-    for start, stop, line in jsonl_chunks(path, CHUNK_ROWS):
-        starts.append(start)
-        stops.append(stop)
-        lines.append(line)
-    return datasets.Dataset.from_dict({"start": starts, "stop": stops, "line": lines})
-
-
 def _records(path: Path, numeric: frozenset[str]) -> Iterator[tuple[int, str]] | None:
     """(line, JSON text) of each row of a file split here; None for a file ``datasets`` reads."""
+    if path.suffix == ".jsonl":
+        return jsonl_lines(path)
     if path.suffix == ".csv":
         return ((n, json.dumps(data)) for n, data in csv_records(path, numeric))
     if path.suffix == ".json" and is_json_array(path):
