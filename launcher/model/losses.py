@@ -4,9 +4,10 @@ The model is always called as a whole (through the DeepSpeed engine, the peft wr
 the Hugging Face forward), so every framework hook runs as usual; it is asked for its final
 hidden state and for no logits (``logits_to_keep`` selects none). The output projection and
 the cross-entropy then run only on target positions, either in chunks that are recomputed in
-the backward pass, but for the last (``chunked``: peak memory holds one chunk's logits, never ``[tokens, vocab]``)
-or in Liger's fused linear cross-entropy (``fused``, GPU). The projection is applied by calling
-the ``lm_head`` module, so ZeRO-3 gathers its weight through its own hooks.
+the backward pass, all but the last (``chunked``: peak memory holds one chunk's logits, never
+``[tokens, vocab]``), or in Liger's fused linear cross-entropy (``fused``, GPU). The
+projection is applied by calling the ``lm_head`` module, so ZeRO-3 gathers its weight
+through its own hooks.
 """
 
 from __future__ import annotations
