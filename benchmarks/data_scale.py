@@ -9,6 +9,9 @@ byte-level BPE fast tokenizer on a sample of them, and measures, each in a fresh
   the driver's peak resident set (``VmHWM`` of that process; the tokenizing subprocesses'
   largest peak is reported apart), and the same command on a 100-row file (the baseline the
   target "peak RSS above the 100-row run at most 2x the input file" is measured from);
+* ftlaunch's data preparation alone (``prepare_data`` with a cold cache, timed from after the
+  tokenizer is loaded, as the plain map below is: the fair throughput comparison, where the
+  ``check`` wall time also holds the command's imports, model config and start-up);
 * a plain ``datasets.load_dataset("json")`` + ``map(batched=True, num_proc=N)`` that builds the
   same prompts and masked labels with the tokenizer's batch call (chat: the tokenizer's chat
   template with ``return_assistant_tokens_mask``);
@@ -137,6 +140,18 @@ def child_check(recipe: str) -> dict[str, object]:
     return {"code": code, "wall_s": time.perf_counter() - start, **_memory()}
 
 
+def child_prepare(recipe_path: str) -> dict[str, object]:
+    from launcher.data.pipeline import prepare_data
+    from launcher.model.build import load_tokenizer
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    tok = load_tokenizer(recipe.model)
+    start = time.perf_counter()
+    data = prepare_data(recipe.data, tok, recipe.train.seed, recipe.labels)
+    return {"examples": len(data.train), "wall_s": time.perf_counter() - start, **_memory()}
+
+
 def child_plain(data: str, fmt: str, tokenizer: str, num_proc: int, cache: str) -> dict[str, object]:
     import datasets
     from transformers import AutoTokenizer
@@ -234,6 +249,12 @@ def measure(args: argparse.Namespace) -> None:
             report["check_rows_per_s"] = rows / report["check"]["wall_s"]
             report["peak_above_100_rows_mb"] = report["check"]["VmHWM"] - report["check100"]["VmHWM"]
             report["peak_above_100_rows_x_file"] = report["peak_above_100_rows_mb"] / size_mb
+        if "prepare" in args.only:
+            recipe = write_recipe(out / f"{tag}-{name}-prepare.yaml", paths[name], fmt, tok,
+                                  out / f"cache-{tag}-{name}-prepare",
+                                  None if args.old else args.num_proc, args.packing)
+            report["prepare"] = run_child("_prepare", str(recipe))
+            report["prepare_rows_per_s"] = rows / report["prepare"]["wall_s"]
         if "plain" in args.only:
             r = run_child("_plain", str(paths[name]), fmt, str(tok), str(args.num_proc),
                           str(out / f"hf-{tag}-{name}"))
@@ -269,6 +290,8 @@ def main() -> None:
         kind, rest = sys.argv[1], sys.argv[2:]
         if kind == "_check":
             result = child_check(*rest)
+        elif kind == "_prepare":
+            result = child_prepare(*rest)
         elif kind == "_plain":
             result = child_plain(rest[0], rest[1], rest[2], int(rest[3]), rest[4])
         else:
@@ -282,8 +305,8 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--data", nargs="+", default=["alpaca", "chat"],
                         choices=["alpaca", "chat"])
-    parser.add_argument("--only", nargs="+", default=["check", "plain", "ranks"],
-                        choices=["check", "plain", "ranks"])
+    parser.add_argument("--only", nargs="+", default=["check", "prepare", "plain", "ranks"],
+                        choices=["check", "prepare", "plain", "ranks"])
     parser.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     parser.add_argument("--old", action="store_true")
     parser.add_argument("--packing", action="store_true",

@@ -13,7 +13,7 @@ import numpy as np
 
 from launcher.data import labels as label_formats
 from launcher.data.marked_chat import MarkedChat, RowErrorAt, marked_tokens, marks_generation
-from launcher.data.tokenized import IGNORE_INDEX, Encoded, Row, RowError, SplitStats
+from launcher.data.tokenized import IDS_ONLY, IGNORE_INDEX, Encoded, Row, RowError, SplitStats
 from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection, LabelsSection
 
@@ -55,11 +55,12 @@ def instruction_item(row: dict[str, Any], cfg: DataSection) -> tuple[str, str]:
 def instruction_tokens(
     items: Sequence[tuple[str, str]], cfg: DataSection, tokenizer: Any
 ) -> list[Encoded]:
-    prompts = tokenizer([p for p, _ in items], add_special_tokens=True)["input_ids"]
-    answers = tokenizer([a for _, a in items], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([p for p, _ in items], add_special_tokens=True, **IDS_ONLY)["input_ids"]
+    answers = tokenizer([a for _, a in items], add_special_tokens=False, **IDS_ONLY)["input_ids"]
+    eos = [tokenizer.eos_token_id]  # a property that looks the token up: read it once
     out = []
     for prompt_ids, answer in zip(prompts, answers):
-        answer_ids = answer + [tokenizer.eos_token_id]
+        answer_ids = answer + eos
         ids = prompt_ids + answer_ids
         masked = ids if cfg.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         out.append(Encoded(ids, list(masked)))
@@ -67,9 +68,10 @@ def instruction_tokens(
 
 
 def text_tokens(texts: Sequence[str], tokenizer: Any) -> list[Encoded]:
+    eos = [tokenizer.eos_token_id]
     out = []
-    for ids in tokenizer(list(texts), add_special_tokens=True)["input_ids"]:
-        ids = ids + [tokenizer.eos_token_id]
+    for ids in tokenizer(list(texts), add_special_tokens=True, **IDS_ONLY)["input_ids"]:
+        ids = ids + eos
         out.append(Encoded(ids, list(ids)))
     return out
 
@@ -155,7 +157,7 @@ def _span_tokens(
     if not items:
         return []
     enc = tokenizer([text for text, _ in items], add_special_tokens=False,
-                    return_offsets_mapping=True)
+                    return_offsets_mapping=True, **IDS_ONLY)
     out = []
     for (_, spans), ids, offsets in zip(items, enc["input_ids"], enc["offset_mapping"]):
         if cfg.train_on_prompt:

@@ -110,7 +110,8 @@ def classification_tokens(
     items: Sequence[tuple[str, str | None, Target]], cfg: DataSection, tokenizer: Any
 ) -> list[Encoded]:
     pairs = [pair for _, pair, _ in items] if cfg.fields.text_pair else None
-    enc = tokenizer([text for text, _, _ in items], pairs, add_special_tokens=True)
+    enc = tokenizer([text for text, _, _ in items], pairs, add_special_tokens=True,
+                    return_attention_mask=False)
     types = enc.get("token_type_ids") if pairs is not None else None
     return [
         Encoded(ids, [IGNORE_INDEX] * len(ids), target, types[i] if types is not None else None)
@@ -139,7 +140,8 @@ def tagging_item(
 def tagging_tokens(items: Sequence[tuple[list[str], list[int]]], tokenizer: Any) -> list[Encoded]:
     """The tag goes on each word's first sub-word only."""
     enc = tokenizer([words for words, _ in items], is_split_into_words=True,
-                    add_special_tokens=True)
+                    add_special_tokens=True, return_attention_mask=False,
+                    return_token_type_ids=False)
     out = []
     for i, (_, tag_ids) in enumerate(items):
         aligned, previous = [], None
