@@ -33,3 +33,23 @@ def test_held_lines_stay_held_until_the_run_log_opens(capsys, tmp_path):
     text = (tmp_path / "driver.log").read_text()
     assert "Started a local Ray instance." in text and "Token authentication" in text
     assert capsys.readouterr().err == ""
+
+
+def test_relay_names_a_worker_error_that_torchrun_prefixed_with_its_rank(capsys, tmp_path):
+    """torchrun writes each worker's stderr as ``[rankN]: ...``: the failure message must still
+    find the error (once, though every rank raised it), and the worker's own lines are said
+    without the prefix."""
+    log = tmp_path / "driver.log"
+    log.write_text("")
+    relay = console.Relay(log)
+    error = "launcher.errors.UserInputError: run/checkpoints: none is committed and intact"
+    log.write_text(
+        "[rank0]: Traceback (most recent call last):\n"
+        "[rank0]:   File \"worker.py\", line 1, in <module>\n"
+        f"[rank0]: {error}\n[rank1]: {error}\n"
+        "[rank1]: [ftlaunch] WARNING: skipping run/checkpoints/step_00000008\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+    )
+    relay.poll()
+    assert relay.errors == [error]
+    assert "[ftlaunch] WARNING: skipping run/checkpoints/step_00000008" in capsys.readouterr().err

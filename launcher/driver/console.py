@@ -203,6 +203,8 @@ def is_ours(line: str) -> bool:
 # ---------------------------------------------------------------- the workers' output
 
 ERROR_LINE = re.compile(r"^[\w.]*(Error|Exception)(: |$)")
+# torchrun prefixes each line a worker writes to stderr with its rank: "[rank1]: ..."
+RANK_PREFIX = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
 
 
 def _ray_printer(data: dict[str, Any]) -> None:
@@ -261,7 +263,8 @@ class Relay:
         complete = chunk[: chunk.rfind(b"\n") + 1]
         self._offset += len(complete)
         for line in complete.decode(errors="replace").splitlines():
+            line = RANK_PREFIX.sub("", line.strip())
             if is_ours(line):
-                say(line.strip())
-            elif ERROR_LINE.match(line.strip()):
-                self.errors = [*self.errors, line.strip()][-self.keep:]
+                say(line)
+            elif ERROR_LINE.match(line) and line not in self.errors:  # each rank raises it
+                self.errors = [*self.errors, line][-self.keep:]
