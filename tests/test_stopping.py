@@ -111,29 +111,22 @@ def test_sigterm_without_on_preempt_stops_without_saving(tmp_path):
     assert ckpt.committed(run_dir) == []
 
 
-def test_ray_sigterm_commits_stops_ray_and_resumes(tmp_path):
-    recipe, run_dir = recipe_file(tmp_path)
-    code, err = start_and_signal(tmp_path, recipe, run_dir, signal.SIGTERM, False, "ray")
-    assert code == 143, err[-3000:]
-    reached = steps_logged(run_dir)[-1]
-    assert [c.step for c in ckpt.committed(run_dir)] == [reached]
-    done = subprocess.run(["bash", "-c", resume_command(err)], env=env(tmp_path),
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert steps_logged(run_dir) == list(range(1, STEPS + 1))
-
-
 class Driver:
     """``ftlaunch`` as a real process in a session of its own, stdout and stderr in files."""
 
-    def __init__(self, tmp_path: Path, recipe: Path, *extra: str, backend: str = "torchrun",
-                 environ: dict[str, str] | None = None, name: str = "driver"):
+    def __init__(self, tmp_path: Path, recipe: Path | None, *extra: str,
+                 backend: str = "torchrun", environ: dict[str, str] | None = None,
+                 name: str = "driver", command: str | None = None):
+        """``command``: a shell command line (a printed resume command) instead of the CLI on
+        ``recipe``; its shell leads the session, so signal it with ``group=True``."""
         self.out, self.err = tmp_path / f"{name}.stdout", tmp_path / f"{name}.stderr"
+        argv = ["bash", "-c", command] if command else [
+            sys.executable, "-m", "launcher.cli", str(recipe), "--backend", backend,
+            "--no-progress", *extra]
         with self.out.open("w") as out, self.err.open("w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "launcher.cli", str(recipe), "--backend", backend,
-                 "--no-progress", *extra], cwd=ROOT, env=environ or env(tmp_path),
-                stdout=out, stderr=err, start_new_session=True,
+                argv, cwd=ROOT, env=environ or env(tmp_path), stdout=out, stderr=err,
+                start_new_session=True,
             )
 
     def __enter__(self) -> Driver:
@@ -336,16 +329,12 @@ def test_grace_shorter_than_the_save_kills_it_uncommitted(startup_stop, tmp_path
     assert f"{ckpt.tag_for(4)}: not committed" in out
 
 
-@pytest.mark.parametrize(("sig", "group", "code"), [(signal.SIGTERM, False, 143),
-                                                    (signal.SIGINT, True, 130)],
-                         ids=["sigterm", "ctrl-c"])
-def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resumes(
-    tmp_path, sig, group, code
-):
-    """Stopped in data preparation (SIGTERM to the driver, or Ctrl-C to the whole group,
-    tokenizer processes included), before any worker: the tokenizer's processes end, no
-    scratch directory or partial entry stays in the cache, and the printed command (the same
-    form as for a stop mid-training) prepares the data afresh and trains."""
+def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resumes(tmp_path):
+    """Stopped in data preparation, before any worker: SIGTERM to the driver, then, in the
+    printed command's own data preparation, Ctrl-C to its whole process group (tokenizer
+    processes included). Each time the tokenizer's processes end, no scratch directory or
+    partial entry stays in the cache, and the printed command (the same form as for a stop
+    mid-training) prepares the data afresh; the last one trains."""
     import json
     import random
 
@@ -357,30 +346,37 @@ def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resum
     recipe, run_dir = recipe_file(
         tmp_path, train={"max_steps": 2}, data={"train": str(data), "validation": None})
     cache = tmp_path / "cache" / "tokenized"
-    with Driver(tmp_path, recipe) as driver:
-        driver.wait_until(lambda: re.search(r"\b[1-9]\d*000/200000", driver.err.read_text()),
-                          "tokenizing under way")
-        pool = driver.descendants()
-        driver.send(sig, group=group)
-        exit_code = driver.finish()
-    err = driver.err.read_text()
-    assert exit_code == code, err[-3000:]
-    assert f"ftlaunch: stopped by {sig.name}. To resume, run:" in err, err[-3000:]
-    assert "Traceback" not in err, err[-3000:]
-    assert "examples kept" not in err  # it stopped before the data was ready
-    assert pool and not [p for p in pool if p.is_running()]
-    assert list(cache.iterdir()) == []
-    assert not run_dir.exists() or not (run_dir / "checkpoints").exists()
+    command = None
+    for sig, group, code in ((signal.SIGTERM, False, 143), (signal.SIGINT, True, 130)):
+        with Driver(tmp_path, recipe, command=command, name=sig.name) as driver:
+            driver.wait_until(lambda: re.search(r"\b[1-9]\d*000/200000", driver.err.read_text()),
+                              "tokenizing under way")
+            pool = driver.descendants()
+            driver.send(sig, group=group)
+            exit_code = driver.finish()
+        err = driver.err.read_text()
+        assert exit_code == code, err[-3000:]
+        assert f"ftlaunch: stopped by {sig.name}. To resume, run:" in err, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        assert "examples kept" not in err  # it stopped before the data was ready
+        assert pool and not [p for p in pool if p.is_running()]
+        assert list(cache.iterdir()) == []
+        assert not run_dir.exists() or not (run_dir / "checkpoints").exists()
+        command = resume_command(err)
     out = resume(tmp_path, err)
     assert "200000 examples kept" in out, out[-3000:]
     assert steps_logged(run_dir) == [1, 2]
     assert len(list(cache.iterdir())) == 1
 
 
-def test_ray_sigterm_during_startup_then_ctrl_c_commits_and_resumes(tmp_path):
-    """The embedded Ray: SIGTERM while Ray starts (Ray's own handler would exit 15), then
-    Ctrl-C to the whole process group mid-run, as a terminal sends it, then the resume."""
-    recipe, run_dir = recipe_file(tmp_path)
+def test_ray_stops_in_startup_mid_run_and_mid_resume_then_resumes(tmp_path):
+    """The embedded Ray, stopped three ways: SIGTERM while Ray starts (Ray's own handler would
+    exit 15); SIGTERM to the driver alone mid-run, as Kubernetes sends it (the step reached is
+    committed, Ray stopped); then the printed command, stopped in its turn by Ctrl-C to its
+    whole process group, as a terminal sends it. The command printed then trains to the end.
+    Steps are slowed to 0.1 s so that each signal lands well before the last step."""
+    recipe, run_dir = recipe_file(tmp_path, resources={"num_workers": 2, "env": {
+        "FTLAUNCH_TEST_FAULT": "slow_step:1+", "FTLAUNCH_TEST_SLOW_STEP_S": "0.1"}})
     with Driver(tmp_path, recipe, backend="ray", name="startup") as driver:
         driver.wait_until(lambda: "gcs_server" in driver.names(), "Ray's processes")
         driver.send(signal.SIGTERM)
@@ -390,17 +386,31 @@ def test_ray_sigterm_during_startup_then_ctrl_c_commits_and_resumes(tmp_path):
     assert re.search(r"stopped by SIGTERM(; the grace period ran out \(.*\))?; no checkpoint "
                      r"yet\. To resume, run:", err), err[-3000:]
     assert steps_logged(run_dir) == []
+
     with Driver(tmp_path, recipe, backend="ray", name="interrupted") as driver:
         driver.wait_until(lambda: any(s >= 2 for s in steps_logged(run_dir)), "step 2")
-        driver.send(signal.SIGINT, group=True)
+        driver.send(signal.SIGTERM)
         code = driver.finish()
     err = driver.err.read_text()
-    assert code == 130, driver.output()[-3000:]
+    assert code == 143, driver.output()[-3000:]
     reached = steps_logged(run_dir)[-1]
     assert 2 <= reached < STEPS
     assert [c.step for c in ckpt.committed(run_dir)] == [reached]
-    assert f"stopped by SIGINT; newest committed checkpoint: step {reached}" in err
-    assert f"resuming at step {reached}" in resume(tmp_path, err)
+    assert f"stopped by SIGTERM; newest committed checkpoint: step {reached}" in err
+
+    with Driver(tmp_path, None, command=resume_command(err), name="resumed") as driver:
+        driver.wait_until(lambda: any(s >= reached + 2 for s in steps_logged(run_dir)),
+                          f"step {reached + 2}")
+        driver.send(signal.SIGINT, group=True)
+        code = driver.finish()
+    out, err = driver.output(), driver.err.read_text()
+    assert code == 130, out[-3000:]
+    assert f"resuming at step {reached}" in out
+    again = steps_logged(run_dir)[-1]
+    assert reached + 2 <= again < STEPS
+    assert [c.step for c in ckpt.committed(run_dir)] == [again, reached]
+    assert f"stopped by SIGINT; newest committed checkpoint: step {again}" in err
+    assert f"resuming at step {again}" in resume(tmp_path, err)
     assert steps_logged(run_dir) == list(range(1, STEPS + 1))
 
 
