@@ -6,6 +6,7 @@ Saves are slowed down with the launcher's fault hook (launcher/train/faults.py, 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -367,6 +368,67 @@ def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resum
     assert "200000 examples kept" in out, out[-3000:]
     assert steps_logged(run_dir) == [1, 2]
     assert len(list(cache.iterdir())) == 1
+
+
+def _forked_child_sees() -> tuple[object, object, set[signal.Signals]]:
+    """Fork; the child reports its SIGINT and SIGTERM handlers and its blocked signals."""
+    import pickle
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        seen = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                signal.pthread_sigmask(signal.SIG_BLOCK, []))
+        os.write(write, pickle.dumps(seen))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        seen = pickle.loads(pipe.read())  # written by the child above
+    os.waitpid(pid, 0)
+    return seen
+
+
+def test_a_process_forked_under_the_stop_handlers_starts_with_the_default_ones():
+    from launcher.driver.stop import signals_raise
+
+    with signals_raise():
+        installed = signal.getsignal(signal.SIGTERM)
+        assert _forked_child_sees() == (signal.SIG_DFL, signal.SIG_DFL, set())
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the parent's, restored
+    outside = _forked_child_sees()  # without ftlaunch's handlers a child inherits as usual
+    assert outside[1] is not installed and outside[1] == signal.getsignal(signal.SIGTERM)
+
+
+POOLS_ENDED_AT_ONCE = """
+import multiprocess
+from launcher.driver.stop import signals_raise
+with signals_raise():
+    for _ in range(200):
+        with multiprocess.Pool(2):
+            pass
+print("all pools ended")
+"""
+
+
+def test_tokenizer_pools_ended_as_they_start_never_hang(tmp_path):
+    """A ``datasets.map`` that fails on its first rows terminates its pool while the workers
+    are still starting. Workers that inherited the driver's Python-level SIGTERM handler could
+    lose the pool's SIGTERM and wait forever on the queue lock their parent holds: on main,
+    most runs of these 200 pools hung (as ``ftlaunch check`` of a file whose first row is bad
+    did, once in ~20). Run in its own session, so that a hang leaves no worker holding the
+    test's pipes."""
+    out = tmp_path / "out.txt"
+    with out.open("w") as sink:
+        proc = subprocess.Popen([sys.executable, "-c", POOLS_ENDED_AT_ONCE], cwd=ROOT,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind
+    assert code == 0 and "all pools ended" in out.read_text(), (code, out.read_text()[-3000:])
 
 
 def test_ray_stops_in_startup_mid_run_and_mid_resume_then_resumes(tmp_path):

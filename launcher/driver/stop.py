@@ -35,6 +35,56 @@ def resume_command(argv: list[str]) -> str:
     return f"cd {shlex.quote(os.getcwd())} && ftlaunch {shlex.join(argv)}"
 
 
+class _ChildrenStartDefault:
+    """While the driver's handlers are installed, a process forked from it (a ``datasets.map``
+    pool's worker) starts with SIGINT and SIGTERM at their default action, so the pool's
+    terminate (SIGTERM) and a Ctrl-C kill it at once: its parent does the stop.
+
+    Inheriting the Python-level handler instead loses signals: one that arrives before the
+    child's interpreter has reset its signal state after the fork is dropped, and a worker
+    that then waits on the pool's queue lock blocks its parent's ``Pool.terminate`` forever.
+    So the signals are blocked across the fork, and the child unblocks them only after the
+    default action is back: one sent meanwhile stays pending and then kills it."""
+
+    def __init__(self) -> None:
+        self.holders = 0
+        self.masks = threading.local()
+        os.register_at_fork(
+            before=self._before, after_in_parent=self._restore_mask,
+            after_in_child=self._child,
+        )
+
+    def hold(self) -> None:
+        self.holders += 1
+
+    def release(self) -> None:
+        self.holders -= 1
+
+    def _before(self) -> None:
+        self.masks.previous = (
+            signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_CODES) if self.holders else None
+        )
+
+    def _restore_mask(self) -> None:
+        previous = getattr(self.masks, "previous", None)
+        if previous is not None:
+            self.masks.previous = None
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def _child(self) -> None:
+        if getattr(self.masks, "previous", None) is None:
+            return
+        self.holders = 0
+        try:
+            for sig in EXIT_CODES:
+                signal.signal(sig, signal.SIG_DFL)
+        finally:
+            self._restore_mask()
+
+
+_children_default = _ChildrenStartDefault()
+
+
 class Signals:
     """The driver's SIGINT/SIGTERM handling while workers run. The first signal writes the
     stop request; a second one (or the deadline) means: kill now."""
@@ -51,6 +101,7 @@ class Signals:
     def __enter__(self) -> Signals:
         for sig in EXIT_CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
+        _children_default.hold()
         return self
 
     def reclaim(self) -> None:
@@ -59,6 +110,7 @@ class Signals:
             signal.signal(sig, self._handle)
 
     def __exit__(self, *exc: Any) -> None:
+        _children_default.release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -132,25 +184,22 @@ def signals_raise() -> Iterator[None]:
     message instead of dying silently. The signal is remembered (:func:`signal_received`):
     a library whose clean-up raises something else on the way out (``datasets.map`` with
     ``num_proc`` does) must not turn a stop into a crash. A process forked from this one
-    (a tokenizer pool's worker) dies of the signal as by default: its parent does the stop."""
+    (a tokenizer pool's worker) starts with the default handlers (:class:`_ChildrenStartDefault`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    owner = os.getpid()
     _received.clear()  # a stop belongs to one command: a later one in this process starts clean
 
     def handler(signum: int, frame: Any) -> None:
-        if os.getpid() != owner:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
         sig = signal.Signals(signum)
         _received.append(sig)
         raise STOP_EXCEPTIONS[sig]()
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_EXCEPTIONS}
+    _children_default.hold()
     try:
         yield
     finally:
+        _children_default.release()
         for sig, before in previous.items():
             signal.signal(sig, before)
