@@ -7,6 +7,7 @@ after SIGINT and SIGTERM (with the command that resumes the run).
 
 from __future__ import annotations
 
+import gc
 import signal
 import sys
 
@@ -38,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         if signal_received() is None:
             raise
         return stopped(argv)  # a library's clean-up raised on the way out of the stop
+
+
+def entry() -> int:
+    """The ``ftlaunch`` executable: :func:`main`, then every object the command built is
+    frozen out of the garbage collector. The interpreter's collections at exit would walk
+    all of them (torch, transformers, DeepSpeed and Ray leave ~600k): 1.6-2 s after the work
+    is done, on 2 cores. Frozen, they are freed with the process instead; atexit handlers and
+    objects freed by reference count are unaffected. Not for in-process callers of main."""
+    code = main()
+    gc.freeze()
+    return code
 
 
 def stopped(argv: list[str]) -> int:

@@ -2,6 +2,6 @@
 
 import sys
 
-from launcher.cli import main
+from launcher.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

@@ -7,6 +7,7 @@ previous launch prepared.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = Recipe.model_validate(yaml.safe_load(files.resolved.read_text()))
     ds_config = json.loads(files.ds_config.read_text())
     run(recipe, ds_config, files.path)
+    gc.freeze()  # as launcher.cli.entry: no collections of everything at exit (1.6-2 s)
 
 
 if __name__ == "__main__":
