@@ -184,7 +184,8 @@ def signals_raise() -> Iterator[None]:
     message instead of dying silently. The signal is remembered (:func:`signal_received`):
     a library whose clean-up raises something else on the way out (``datasets.map`` with
     ``num_proc`` does) must not turn a stop into a crash. A process forked from this one
-    (a tokenizer pool's worker) starts with the default handlers (:class:`_ChildrenStartDefault`)."""
+    (a tokenizer pool's worker) starts with the default handlers
+    (:class:`_ChildrenStartDefault`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
