@@ -437,11 +437,13 @@ def test_tokenizer_pools_ended_as_they_start_never_hang(tmp_path):
 
 
 def test_ray_stops_in_startup_mid_run_and_mid_resume_then_resumes(tmp_path):
-    """The embedded Ray, stopped three ways: SIGTERM while Ray starts (Ray's own handler would
-    exit 15); SIGTERM to the driver alone mid-run, as Kubernetes sends it (the step reached is
-    committed, Ray stopped); then the printed command, stopped in its turn by Ctrl-C to its
-    whole process group, as a terminal sends it. The command printed then trains to the end.
-    Steps are slowed to 0.1 s so that each signal lands well before the last step."""
+    """The embedded Ray, stopped three ways: SIGTERM while Ray starts (on the session's
+    thread, so the driver's handler, not Ray's exit-15 one, takes it); SIGTERM to the driver
+    alone mid-run, as Kubernetes sends it (the step reached is committed, Ray stopped; the
+    driver's handler reclaimed from the core worker's aborting one); then the printed
+    command, stopped in its turn by Ctrl-C to its whole process group, as a terminal sends it.
+    The command printed then trains to the end. Steps are slowed to 0.1 s so that each
+    signal lands well before the last step."""
     recipe, run_dir = recipe_file(tmp_path, resources={"num_workers": 2, "env": {
         "FTLAUNCH_TEST_FAULT": "slow_step:1+", "FTLAUNCH_TEST_SLOW_STEP_S": "0.1"}})
     with Driver(tmp_path, recipe, backend="ray", name="startup") as driver:

@@ -8,8 +8,8 @@ request ends with the command that resumes the run.
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from launcher.checkpoint.remote import committed_steps
 from launcher.driver import console, orchestrate, preflight, stop
 from launcher.driver.hang import HangWatcher
 from launcher.driver.prepare import prepare, recipe_locations
+from launcher.driver.ray_session import RaySession
 from launcher.driver.stop import resume_command
 from launcher.driver.trackers import require, tracking
 from launcher.errors import UserInputError
@@ -69,14 +70,16 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
     resuming = check_resumable(run_dir, recipe, req.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
+    session = RaySession(req.address, recipe.resources) if req.backend == "ray" else None
     with liveness.Driver(run_dir) as driver, console.routed() as log, \
-            HangWatcher(run_dir, recipe.resources):
+            HangWatcher(run_dir, recipe.resources), session or contextlib.nullcontext():
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
-            if req.backend == "torchrun":
+            if session is None:
                 progress = req.progress and recipe.logging.progress
                 code = train_torchrun(prepared, run_dir, signals, driver, fit_warning, progress)
             else:
-                code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning)
+                code = train_ray(req, prepared, run_dir, resuming, signals, driver, fit_warning,
+                                 session)
         if signals.stopping:
             log.print_held()  # Ray's held start-up messages come before the stop report
             return report_stop(signals, run_dir, req.argv, recipe.output_dir)
@@ -110,22 +113,14 @@ def train_torchrun(
 
 def train_ray(
     req: TrainRequest, prepared, run_dir: Path, resuming: bool, signals, driver,
-    fit_warning: FitWarning,
+    fit_warning: FitWarning, session: RaySession,
 ) -> int:
+    """Train on Ray; ``session.close()`` when done lets Ray shut down while the caller
+    exports."""
     recipe = prepared.recipe
     try:
-        connected_here = orchestrate.connect(req.address, recipe.resources)
-    except SystemExit as raised:
-        # ray.init installs, for its whole start-up, a SIGTERM handler that exits 15.
-        if raised.code != signal.SIGTERM:
-            raise
-        import ray
-
-        signals.deliver(signal.SIGTERM)
-        ray.shutdown()
-        return 0
-    signals.reclaim()
-    try:
+        session.wait()
+        signals.reclaim()
         if signals.stopping:
             return 0
         orchestrate.check_capacity(recipe.resources)
@@ -149,10 +144,7 @@ def train_ray(
         print(f"ftlaunch: training failed: {e}", file=sys.stderr)
         return 1
     finally:
-        if connected_here:
-            import ray
-
-            ray.shutdown()
+        session.close()
     return 0
 
 

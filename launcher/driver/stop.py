@@ -105,7 +105,8 @@ class Signals:
         return self
 
     def reclaim(self) -> None:
-        """Install the handlers again, should a library have put its own in their place."""
+        """Install the handlers again: Ray's core worker, once connected, puts a C++ failure
+        handler on SIGTERM that aborts the driver."""
         for sig in EXIT_CODES:
             signal.signal(sig, self._handle)
 
@@ -113,10 +114,6 @@ class Signals:
         _children_default.release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-    def deliver(self, sig: signal.Signals) -> None:
-        """Act on a signal that another handler caught first (Ray's, during ``ray.init``)."""
-        self._handle(sig, None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
