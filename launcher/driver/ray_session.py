@@ -6,8 +6,9 @@ Why a thread: an embedded Ray's node processes (GCS, raylet, dashboard) are star
 runs ``ray.init`` must outlive the run. Holding the connection there lets ``close`` return
 at once: ``ray.shutdown`` spends ~1 s waiting for those processes to exit, which then
 overlaps the export of ``final/`` instead of preceding it. Started off the main thread,
-``ray.init`` leaves the driver's stop-signal handlers in place (on the main thread it puts
-its own SIGTERM handler, which exits, over them for the whole start-up).
+``ray.init`` does not put its exit-15 SIGTERM handler over the driver's for the start-up;
+the connected core worker still installs a C++ one that aborts, so the caller reclaims
+SIGTERM after ``wait`` (``stop.Signals.reclaim``).
 """
 
 from __future__ import annotations
