@@ -124,8 +124,6 @@ def chat_item(
                 raise RowError(f"the chat template cannot render this conversation: {e}") from None
         return rendered[key]
 
-    if marks_generation(template or tokenizer.chat_template):
-        return MarkedChat(messages)
     text = render(messages)
     spans = [
         assistant_span(render, messages, i, text)
@@ -136,19 +134,14 @@ def chat_item(
 
 
 def chat_tokens(
-    items: Sequence[tuple[str, list[tuple[int, int]]] | MarkedChat], cfg: DataSection,
+    items: Sequence[tuple[str, list[tuple[int, int]]]] | Sequence[MarkedChat], cfg: DataSection,
     tokenizer: Any, template: str | None = None,
 ) -> list[Encoded]:
-    marked = [n for n, item in enumerate(items) if isinstance(item, MarkedChat)]
-    if not marked:
-        return _span_tokens(items, cfg, tokenizer)
-    out: list[Encoded | None] = [None] * len(items)
-    for n, enc in zip(marked, marked_tokens([items[n] for n in marked], cfg, tokenizer, template)):
-        out[n] = enc
-    rest = [n for n in range(len(items)) if out[n] is None]
-    for n, enc in zip(rest, _span_tokens([items[n] for n in rest], cfg, tokenizer)):
-        out[n] = enc
-    return out
+    """A batch of chat items: all MarkedChat (the Encoder's template marks generation) or all
+    rendered texts with their assistant spans."""
+    if items and isinstance(items[0], MarkedChat):
+        return marked_tokens(items, cfg, tokenizer, template)
+    return _span_tokens(items, cfg, tokenizer)
 
 
 def _span_tokens(
@@ -267,6 +260,7 @@ class Encoder:
     tokenizer: Any
     labels: LabelsSection | None = None
     template: str | None = None
+    marked: bool = False  # a chat template with {% generation %} blocks (marked_chat.py)
 
     @property
     def token_types(self) -> bool:
@@ -291,6 +285,8 @@ class Encoder:
         cfg, labels = self.cfg, self.labels
         if cfg.format == "instruction":
             return instruction_item(row, cfg)
+        if cfg.format == "chat" and self.marked:
+            return MarkedChat(chat_messages(row, cfg))
         if cfg.format == "chat":
             return chat_item(row, cfg, self.tokenizer, self.template)
         if cfg.format == "classification":
@@ -317,7 +313,8 @@ def make_encoder(cfg: DataSection, tokenizer: Any, labels: LabelsSection | None)
     template = resolve_chat_template(cfg, tokenizer) if cfg.format == "chat" else None
     if cfg.format in ("classification", "tagging") and labels is None:
         raise UserInputError("labels", f"the {cfg.format} format needs a label set")
-    return Encoder(cfg, tokenizer, labels, template)
+    marked = cfg.format == "chat" and marks_generation(template or tokenizer.chat_template)
+    return Encoder(cfg, tokenizer, labels, template, marked)
 
 
 def finish(enc: Encoded, cfg: DataSection) -> tuple[int, Encoded]:

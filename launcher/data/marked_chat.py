@@ -1,15 +1,24 @@
-"""Chat templates that mark their trained tokens with ``{% generation %}`` blocks: the
-tokenizer renders and tokenizes a batch of conversations in one call and returns the mask
-(transformers' ``return_assistant_tokens_mask``), so no prefix rendering is needed."""
+"""Chat templates that mark their trained tokens with ``{% generation %}`` blocks: a batch of
+conversations is rendered by transformers' Jinja renderer, which also returns each block's
+character span, and tokenized in one call; a token is trained when its characters overlap a
+block (the rule of transformers' ``return_assistant_tokens_mask``), so no prefix rendering
+is needed.
+
+The spans are turned into labels by bisecting the token offsets, a few steps per block,
+where ``return_assistant_tokens_mask`` walks every token in Python and builds a 0/1 mask
+that would then be walked again into labels."""
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from launcher.data.tokenized import IDS_ONLY, IGNORE_INDEX, Encoded, RowError
+from launcher.errors import UserInputError
 from launcher.recipe.sections import DataSection
 
 
@@ -41,25 +50,59 @@ class RowErrorAt(RowError):
 def marked_tokens(
     items: Sequence[MarkedChat], cfg: DataSection, tokenizer: Any, template: str | None
 ) -> list[Encoded]:
-    def call(conversations: list[list[dict[str, str]]]) -> Any:
-        return tokenizer.apply_chat_template(
-            conversations, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-            chat_template=template, tokenizer_kwargs=IDS_ONLY,
+    texts, spans = render_marked([item.messages for item in items], tokenizer, template)
+    enc = tokenizer(texts, add_special_tokens=False, **IDS_ONLY)
+    if cfg.train_on_prompt:
+        return [Encoded(ids, list(ids)) for ids in enc["input_ids"]]
+    if enc.encodings is None:
+        raise UserInputError(
+            "model.tokenizer", "a chat template with {% generation %} blocks needs a fast "
+            "tokenizer (one with a tokenizer.json): the blocks are found by token offsets")
+    return [
+        Encoded(ids, trained_labels(ids, encoding.offsets, row_spans))
+        for ids, encoding, row_spans in zip(enc["input_ids"], enc.encodings, spans)
+    ]
+
+
+def render_marked(
+    conversations: list[list[dict[str, str]]], tokenizer: Any, template: str | None
+) -> tuple[list[str], list[list[tuple[int, int]]]]:
+    """Each conversation's text and the character spans of its generation blocks, rendered
+    as ``apply_chat_template`` renders them (the tokenizer's special tokens are the
+    template's variables); a conversation the template cannot render is named by index."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    def render(batch: list[list[dict[str, str]]]) -> tuple[list[str], list[Any]]:
+        return render_jinja_template(
+            conversations=batch, chat_template=tokenizer.get_chat_template(template),
+            return_assistant_tokens_mask=True, **tokenizer.special_tokens_map,
         )
 
     try:
-        enc = call([item.messages for item in items])
+        return render(conversations)
     except Exception:  # jinja2 raises whatever the template's own code raises: find the row
-        for n, item in enumerate(items):
+        for n, conversation in enumerate(conversations):
             try:
-                call([item.messages])
+                render([conversation])
             except Exception as e:
                 raise RowErrorAt(
                     n, f"the chat template cannot render this conversation: {e}") from None
         raise
-    if cfg.train_on_prompt:
-        return [Encoded(ids, list(ids)) for ids in enc["input_ids"]]
-    return [  # a comprehension: twice as fast as numpy on rows of hundreds of tokens
-        Encoded(ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask)])
-        for ids, mask in zip(enc["input_ids"], enc["assistant_masks"])
-    ]
+
+
+_START, _END = itemgetter(0), itemgetter(1)
+
+
+def trained_labels(
+    ids: list[int], offsets: list[tuple[int, int]], spans: Sequence[tuple[int, int]]
+) -> list[int]:
+    """``ids`` where a token's characters overlap a span (end after the span's start, start
+    before its end), IGNORE_INDEX elsewhere. Token offsets and spans both run in text
+    order, so the tokens of a span are one run, found by two bisections."""
+    labels = [IGNORE_INDEX] * len(ids)
+    first = 0
+    for lo, hi in spans:
+        first = bisect_right(offsets, lo, lo=first, key=_END)
+        last = bisect_left(offsets, hi, lo=first, key=_START)
+        labels[first:last] = ids[first:last]
+    return labels
