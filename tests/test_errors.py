@@ -150,3 +150,27 @@ def test_the_executable_passes_main_s_exit_code_and_leaves_the_collector_frozen(
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "missing.yaml" in done.stderr and done.stdout.strip() == "frozen True"
+
+
+@pytest.mark.parametrize(("command", "given"), [
+    ("train", "--address"), ("train", "RAY_ADDRESS"), ("preflight", "--address"),
+    ("plan", "--address")])
+def test_a_cluster_address_where_nothing_answers_is_named_at_once(command, given, tmp_path, cli,
+                                                                   monkeypatch):
+    """Ray itself would wait ~60 s and then terminate the driver from C++."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on once this socket is closed
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    run_dir = tmp_path / "run"
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(run_dir))
+    args = [command, path]
+    if given == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        args += ["--address", address]
+    code, _, err = cli(*args)
+    assert code == 2, err
+    assert f"{given}: no Ray cluster answers at {address}" in err
+    assert not run_dir.exists()

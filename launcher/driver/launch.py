@@ -24,7 +24,7 @@ from launcher.driver.ray_session import RaySession
 from launcher.driver.stop import resume_command
 from launcher.driver.trackers import require, tracking
 from launcher.errors import UserInputError
-from launcher.jobs.address import check_cluster_address
+from launcher.jobs.address import check_cluster_address, check_cluster_answers
 from launcher.recipe import Recipe, load_recipe
 from launcher.run import liveness
 from launcher.run import sync
@@ -59,6 +59,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
                              "drop --address, or use --backend ray to join a cluster")
     if req.backend == "ray":
         check_cluster_address(req.address, req.insecure, os.environ)
+        check_cluster_answers(req.address, os.environ)  # before the data is prepared
     with recipe_locations(req.recipe, req.overrides, req.output_dir):
         recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
         require(recipe, req.recipe)  # before anything starts

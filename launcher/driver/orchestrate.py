@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher.driver import console
 from launcher.errors import UserInputError
+from launcher.jobs.address import check_cluster_answers
 from launcher.driver.ports import free_port
 from launcher.recipe import Recipe
 from launcher.recipe.run_sections import ResourcesSection
@@ -34,9 +35,13 @@ def connect(address: str | None, res: ResourcesSection) -> bool:
     console.reroute()  # Ray's start-up messages go to driver.log
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    where = "--address" if address else "RAY_ADDRESS"
+    if address or os.environ.get("RAY_ADDRESS"):
+        check_cluster_answers(address, os.environ)
+        try:
+            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+        except ConnectionError as e:  # "auto" and no cluster (found by ray.init itself)
+            raise UserInputError(where, str(e)) from None
         return True
     start_local_ray(max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999)))
     return True

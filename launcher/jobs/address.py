@@ -7,6 +7,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -131,3 +132,45 @@ def check_cluster_address(address: str | None, insecure: bool, env: Mapping[str,
             "TLS (RAY_USE_TLS=1), or 'ftlaunch submit'; on a network you trust, --insecure "
             "connects anyway.",
         )  # fmt: skip
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_cluster_answers(address: str | None, env: Mapping[str, str]) -> None:
+    """After ``check_cluster_address``: that something listens at the cluster address
+    (``auto`` resolved as ``ray.init`` resolves it). Given an address where nothing answers,
+    Ray's C++ client gives up ~60 s later by terminating the process, and ``auto`` with no
+    cluster ends in a ConnectionError traceback; this names the address at once instead."""
+    where = "--address" if address else "RAY_ADDRESS"
+    address = address or env.get("RAY_ADDRESS") or ""
+    if address in ("", "local"):
+        return
+    target = _resolve_auto(where) if address == "auto" else address
+    url = urlparse(target if "://" in target else f"gcs://{target}")
+    try:
+        port = url.port
+    except ValueError:  # what ray.init resolved "auto" to: left to ray.init
+        port = None
+    if not url.hostname or port is None:
+        return
+    try:
+        socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        raise UserInputError(
+            where, f"no Ray cluster answers at {target} ({e.strerror or e}); start one "
+            "(ray start --head) or leave the address out to train on an embedded local Ray",
+        ) from None
+
+
+def _resolve_auto(where: str) -> str:
+    """The cluster ``auto`` stands for, found as ``ray.init`` finds it: the last ``ray
+    start`` on this machine, else a running GCS."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+    except ImportError:  # a Ray without it: ray.init resolves "auto" (see orchestrate.connect)
+        return "auto"
+    try:
+        return canonicalize_bootstrap_address_or_die("auto")
+    except ConnectionError as e:
+        raise UserInputError(where, f"auto: {e}") from None
