@@ -37,7 +37,8 @@ def tokenizers(tmp_path_factory):
     from tokenizers import ByteLevelBPETokenizer
 
     bpe = ByteLevelBPETokenizer()
-    texts = ["add one two three four", "the sum of ten and five is fifteen", "héllo wörld 日本語 🙂"]
+    texts = ["add one two three four", "the sum of ten and five is fifteen",
+             "héllo wörld 日本語 🙂"]
     bpe.train_from_iterator(texts * 50, vocab_size=400,
                             special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"])
     byte_level = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
@@ -46,8 +47,9 @@ def tokenizers(tmp_path_factory):
             "byte-bpe": byte_level}
 
 
-TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
-    ["", " ", "  two  ", "</s>", "<|im_end|>", "a</s>b", "\n\n", "🙂🙂", "e\u0301", "add 1 2"])
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | (
+    st.sampled_from(
+    ["", " ", "  two  ", "</s>", "<|im_end|>", "a</s>b", "\n\n", "🙂🙂", "e\u0301", "add 1 2"]))
 TURN = st.tuples(TEXT, TEXT)  # a user turn and the assistant's answer
 
 
