@@ -98,3 +98,14 @@ def test_a_slow_tokenizer_is_refused_by_name():
                 {"role": "assistant", "content": "three"}]
     with pytest.raises(UserInputError, match="model.tokenizer.*fast tokenizer"):
         encoder.encode([{"messages": messages}], ["row 1"])
+
+
+def test_train_on_prompt_trains_every_token_of_a_marked_conversation(tokenizers):
+    cfg = DataSection.model_validate({"train": "unused.jsonl", "format": "chat",
+                                      "chat_template": TEMPLATES["chatml"],
+                                      "train_on_prompt": True})
+    messages = [{"role": "user", "content": "add one two"},
+                {"role": "assistant", "content": "three"}]
+    (enc,) = make_encoder(cfg, tokenizers["byte-bpe"], None).encode([{"messages": messages}],
+                                                                    ["row 1"])
+    assert enc.labels == enc.input_ids and len(enc.input_ids) > 5

@@ -1,6 +1,6 @@
-"""Where a Ray cluster is and whether it is safe to talk to: the job server's URL, and the refusal
+"""Where a Ray cluster is and whether it is safe to talk to: the job server's URL, the refusal
 of a plain-text or unauthenticated connection to another machine (``ftlaunch submit``, ``jobs``,
-``train --address``, ``preflight``)."""
+``train --address``, ``preflight``), and whether anything answers at a cluster address."""
 
 from __future__ import annotations
 
