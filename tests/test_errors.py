@@ -174,3 +174,20 @@ def test_a_cluster_address_where_nothing_answers_is_named_at_once(command, given
     assert code == 2, err
     assert f"{given}: no Ray cluster answers at {address}" in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("command", ["preflight", "plan"])
+def test_a_dead_address_is_named_even_with_ray_already_up_in_the_process(command, tmp_path, cli,
+                                                                        ray_cluster):
+    """In-process callers (a notebook, these tests) may hold a Ray session already; the address
+    the user named is still the one checked, not silently replaced by the session's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    assert ray_cluster.is_initialized()
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(tmp_path / "run"))
+    code, _, err = cli(command, path, "--address", address)
+    assert code == 2, err
+    assert f"--address: no Ray cluster answers at {address}" in err

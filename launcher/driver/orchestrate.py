@@ -33,11 +33,13 @@ def connect(address: str | None, res: ResourcesSection) -> bool:
     import ray
 
     console.reroute()  # Ray's start-up messages go to driver.log
+    named = address or os.environ.get("RAY_ADDRESS")
+    if named:  # checked even when Ray is already up here: the address named is the user's word
+        check_cluster_answers(address, os.environ)
     if ray.is_initialized():
         return False
-    where = "--address" if address else "RAY_ADDRESS"
-    if address or os.environ.get("RAY_ADDRESS"):
-        check_cluster_answers(address, os.environ)
+    if named:
+        where = "--address" if address else "RAY_ADDRESS"
         try:
             ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
         except ConnectionError as e:  # "auto" and no cluster (found by ray.init itself)
