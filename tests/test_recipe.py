@@ -83,3 +83,33 @@ def test_misspelled_key_suggests(tmp_path):
     with pytest.raises(UserInputError) as e:
         load_recipe(path)
     assert "train.learning_rate" in str(e.value) and "unknown field" in str(e.value)
+
+
+@pytest.mark.parametrize(("override", "where", "message"), [
+    ("train.lr=.inf", "--set train.lr", "finite number"),
+    ("train.lr=1e309", "--set train.lr", "finite number"),  # a float that overflows to inf
+    ("train.weight_decay=.nan", "--set train.weight_decay", "finite number"),
+    ("resources.cpus_per_worker=.inf", "--set resources.cpus_per_worker", "finite number"),
+    ("train.betas=[1.0, 0.9]", "--set train.betas: train.betas.0", "less than 1"),
+    ("train.betas=[0.9, -0.5]", "--set train.betas: train.betas.1", "greater than or equal"),
+    ("train.seed=-1", "--set train.seed", "greater than or equal to 0"),  # numpy refuses it
+    ("train.seed=9223372036854775808", "--set train.seed", "less than"),
+])
+def test_numbers_no_optimizer_or_generator_takes_exit_2_naming_the_flag(
+    override, where, message, tmp_path, cli
+):
+    """These passed the schema (inf passes gt=0; NaN, the unbounded betas and seed had no
+    rule) and failed in the workers: NaN losses, AdamW's ValueError, numpy's negative seed."""
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "run"))
+    code, _, err = cli("check", path, "--offline", "--set", override)
+    assert code == 2, err
+    assert f"ftlaunch: error: {where}: " in err and message in err, err
+
+
+def test_an_infinite_number_in_the_file_names_its_line(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tmp_path / "run")).replace("lr: ", "lr: .inf #", 1))
+    line = next(i for i, t in enumerate(path.read_text().splitlines(), 1) if "lr: .inf" in t)
+    with pytest.raises(UserInputError) as e:
+        load_recipe(path)
+    assert str(e.value) == f"{path}:{line}: train.lr: Input should be a finite number"

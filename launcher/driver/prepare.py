@@ -40,7 +40,7 @@ from launcher.recipe.sections import DataSource
 from launcher.recipe.output_dir import is_uri
 from launcher.recipe import Recipe
 from launcher.model.trainable import apply_trainable, check_lr_groups
-from launcher.recipe.load import load_yaml_with_lines
+from launcher.recipe.load import flag_location, load_yaml_with_lines
 
 
 @dataclass(frozen=True)
@@ -183,12 +183,9 @@ def field_location(
 ) -> str | None:
     if not FIELD_PATH.match(field) or field.split(".")[0].split("[")[0] not in Recipe.model_fields:
         return None
-    if field == "output_dir" and output_dir is not None:
-        return "--output-dir"
-    for item in reversed(list(overrides)):  # the last --set of a field wins
-        key = item.partition("=")[0].strip()
-        if field == key or field.startswith(f"{key}.") or key.startswith(f"{field}."):
-            return f"--set {key}: {field}" if key != field else f"--set {field}"
+    flag = flag_location(field, overrides, output_dir)
+    if flag is not None:
+        return flag
     path: tuple[str | int, ...] = tuple(
         int(part) if part.isdigit() else part
         for part in re.split(r"\.|\[|\]\.?", field) if part != ""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import yaml
@@ -163,9 +164,11 @@ def _field_path(loc: tuple[Any, ...]) -> KeyPath:
 
 
 def validate_recipe(
-    data: Any, source: str = "recipe", lines: dict[KeyPath, int] | None = None
+    data: Any, source: str = "recipe", lines: dict[KeyPath, int] | None = None,
+    overrides: Sequence[str] = (), output_dir: str | None = None,
 ) -> Recipe:
-    """Validate plain data into a Recipe, turning the first error into a UserInputError."""
+    """Validate plain data into a Recipe, turning the first error into a UserInputError that
+    names where the bad value was given: ``--set``, ``--output-dir`` or the file's line."""
     if not isinstance(data, dict):
         raise UserInputError(source, "a recipe must be a YAML mapping of sections")
     try:
@@ -180,10 +183,24 @@ def validate_recipe(
             message = named.group(2)
         dotted = ".".join(str(p) for p in path) or "recipe"
         line = _nearest_line(lines or {}, path)
-        where = f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+        where = flag_location(dotted, overrides, output_dir) or (
+            f"{source}:{line}: {dotted}" if line else f"{source}: {dotted}"
+        )
         if err["type"] == "extra_forbidden":
             message = f"unknown field '{path[-1]}'" + _suggest(path, data)
         raise UserInputError(where, message) from None
+
+
+def flag_location(field: str, overrides: Sequence[str], output_dir: str | None) -> str | None:
+    """``--set KEY`` or ``--output-dir`` when the command line gave ``field`` (a dotted path)
+    its value, else None (the recipe file did). The last ``--set`` of a field wins."""
+    if field == "output_dir" and output_dir is not None:
+        return "--output-dir"
+    for item in reversed(list(overrides)):
+        key = item.partition("=")[0].strip()
+        if field == key or field.startswith((f"{key}.", f"{key}[")) or key.startswith(f"{field}."):
+            return f"--set {key}: {field}" if key != field else f"--set {field}"
+    return None
 
 
 def _nearest_line(lines: dict[KeyPath, int], path: KeyPath) -> int | None:
@@ -226,4 +243,4 @@ def load_recipe(path: str | Path, overrides: list[str] = (), output_dir: str | N
     data = apply_overrides(data, list(overrides))
     if output_dir is not None:
         data["output_dir"] = output_dir
-    return validate_recipe(data, str(path), lines)
+    return validate_recipe(data, str(path), lines, overrides, output_dir)

@@ -3,12 +3,14 @@ logging (the model, method and data sections are sections.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from launcher.recipe.secrets import SECRETS_HELP, is_secret_name, secret_key_paths
 from launcher.recipe.sections import PositiveInt, Section
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class FreezeSection(Section):
@@ -43,7 +45,7 @@ class TrainSection(Section):
     )
     lr: float = Field(2e-5, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     lr_schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="Decay after warmup."
@@ -52,7 +54,10 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: off.")
-    seed: int = Field(42, description="Seed for initialisation, shuffling and dropout.")
+    seed: int = Field(
+        42, ge=0, lt=2**63,
+        description="Seed for initialisation, shuffling and dropout (what numpy and torch take).",
+    )
     freeze: FreezeSection = Field(
         default_factory=FreezeSection,
         description="Parameters kept frozen (method full or bitfit): embeddings, the first k "

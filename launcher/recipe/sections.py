@@ -15,7 +15,12 @@ PositiveInt = Annotated[int, Field(gt=0)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    """Every recipe section: frozen, no unknown keys, and no infinite or NaN number (YAML's
+    ``.inf``, or ``1e309`` from ``--set``, would pass a bound such as ``gt=0``)."""
+
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 ARCHITECTURE_SIZES = (
@@ -277,8 +282,8 @@ class DataSection(Section):
     )
     num_proc: PositiveInt | None = Field(
         None,
-        description="Processes that tokenize the data in parallel (datasets.map); default: "
-        "the CPUs this process may use. Does not change the tokens (nor the cache key).",
+        description="Processes that tokenize the data in parallel (datasets.map); default, and "
+        "at most, the CPUs this process may use. Does not change the tokens (nor the cache key).",
     )
 
     @model_validator(mode="before")
