@@ -17,11 +17,13 @@ import pytest
 from transformers import AutoTokenizer
 
 from launcher.data.cache import cache_key
-from launcher.data.encode import encode_rows
+from launcher.data.encode import encode_rows, make_encoder
 from launcher.data.labels import infer_label_names
 from launcher.data.pack import pack_examples
+from launcher.data.parallel import encode_tables
 from launcher.data.pipeline import held_out, prepare_data
 from launcher.data.read import numeric_fields, read_rows
+from launcher.data.rowtable import row_tables
 from launcher.data.tokenized import TokenizedSplit
 from launcher.recipe.sections import DataSection, LabelsSection
 from tests.conftest import DATA, ROOT, tiny_recipe, write_recipe
@@ -94,6 +96,24 @@ def test_every_format_through_processes_matches_the_row_encoder(tok, tmp_path, n
         expected, stats = encode_rows(val_rows, cfg, tok, labels)
         _same(data.validation, TokenizedSplit.from_examples(expected))
         assert data.stats["validation"] == stats
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_num_proc_beyond_the_cpus_starts_one_process_per_cpu(tok, tmp_path, cpus):
+    """data.num_proc: 1000000 on a 4,000-row file would fork four tokenizing processes (one
+    per 1,000 rows) whatever the cores; as many as this process may run on (its affinity)."""
+    mine = sorted(os.sched_getaffinity(0))
+    if len(mine) < cpus:
+        pytest.skip(f"this process may use {len(mine)} CPU(s)")
+    cfg = _section(FORMATS["instruction"][0], tmp_path, num_proc=10**6)
+    tables = row_tables(cfg.train, frozenset(numeric_fields(cfg)), tmp_path / "rows")
+    os.sched_setaffinity(0, mine[:cpus])
+    try:
+        rows = encode_tables(tables, make_encoder(cfg, tok, None), tmp_path / "enc", cfg.num_proc)
+    finally:
+        os.sched_setaffinity(0, mine)
+    assert len(rows.files) == cpus  # one Arrow shard per process (in this process for one)
+    assert len(rows.lengths) == 4000
 
 
 def test_num_proc_does_not_change_the_cache_key(tok):

@@ -91,7 +91,9 @@ def encode_batch(
 def encode_tables(
     tables: list[RowTable], encoder: Encoder, work: Path, num_proc: int
 ) -> EncodedRows:
-    """Encode every table, each with up to ``num_proc`` processes."""
+    """Encode every table, each with up to ``num_proc`` processes, and no more processes
+    than this process has CPUs (more would only wait for them, each holding a tokenizer) nor
+    than one per ROWS_PER_PROCESS rows."""
     files: list[Path] = []
     lengths, status = [], []
     features = encoded_features(encoder)
@@ -99,7 +101,7 @@ def encode_tables(
         ds = table.dataset
         if len(ds) == 0:
             continue
-        procs = max(1, min(num_proc, len(ds) // ROWS_PER_PROCESS))
+        procs = max(1, min(num_proc, available_cpus(), len(ds) // ROWS_PER_PROCESS))
         out = ds.map(
             encode_batch, batched=True, batch_size=ROWS_PER_PROCESS, with_indices=True,
             num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
