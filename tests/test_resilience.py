@@ -10,6 +10,7 @@ their dropout masks would too."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import shutil
@@ -399,3 +400,37 @@ def test_resume_from_another_runs_checkpoint(reference, cli, tmp_path):
     assert code == 0, err
     assert attempts(run_dir)[0]["resume_step"] == 6
     assert losses(run_dir) == pytest.approx(losses(reference)[6:], rel=1e-6, abs=1e-6)
+
+
+def test_a_diverged_run_fails_and_checkpoints_no_nan_step(ray_cluster, cli, tmp_path):
+    """Rank 0's loss is NaN from step 3 on (a diverged model, as bf16 makes one: DeepSpeed
+    applies its NaN update). The save due at step 4 is not made, so the good checkpoint of
+    step 2 is the newest; the run fails at once, naming the steps, instead of training on."""
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, train={"nonfinite_loss_steps": 2}, checkpoint={"max_failures": 0},
+                  resources={"env": {"FTLAUNCH_TEST_FAULT": "nan_loss:2+"}})
+    code, _, err = launch(cli, tmp_path, recipe)
+    assert code == 1, err
+    assert ("NonFiniteLossError: the loss was nan at steps 3-4 (train.nonfinite_loss_steps=2): "
+            "the run diverged") in err, err
+    assert "the newest committed checkpoint is step 2" in err
+    assert [c.step for c in ckpt.committed(run_dir)] == [2]
+    logged = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert len(logged) == 4 and all(map(math.isfinite, logged[:2])), logged
+    assert all(map(math.isnan, logged[2:])), logged
+    assert not (run_dir / "final").exists()
+
+
+def test_one_nan_batch_is_not_checkpointed_and_the_run_goes_on(cli, tmp_path):
+    """A single bad step (the save due at step 4, whose loss is NaN, is skipped; fp32's
+    DeepSpeed skips its update, the gradient norm being NaN): the run finishes and exports."""
+    run_dir = tmp_path / "run"
+    recipe = spec(run_dir, resources={"env": {"FTLAUNCH_TEST_FAULT": "nan_loss:3"}})
+    code, _, err = launch(cli, tmp_path, recipe, "recipe.yaml", *TORCHRUN)
+    assert code == 0, err
+    assert [c.step for c in ckpt.committed(run_dir)] == [8, 6, 2]
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert math.isnan(records[3]["loss"]) and records[3]["grad_norm"] == float("inf")
+    assert all(math.isfinite(r["loss"]) for r in records if r["step"] != 4)
+    assert (run_dir / "final" / "config.json").is_file()

@@ -54,6 +54,13 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping; null: off.")
+    nonfinite_loss_steps: PositiveInt = Field(
+        3,
+        description="Consecutive steps with a NaN or infinite loss after which the run fails as "
+        "diverged (a retry, up to checkpoint.max_failures, resumes from the newest committed "
+        "checkpoint). No step whose loss is not finite is ever checkpointed, so a diverged run "
+        "never rotates its good checkpoints out.",
+    )
     seed: int = Field(
         42, ge=0, lt=2**63,
         description="Seed for initialisation, shuffling and dropout (what numpy and torch take).",

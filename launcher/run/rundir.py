@@ -76,7 +76,12 @@ class RunDir:
 
     def fault_marker(self, kind: str, step: int | str) -> Path:
         return self.path / f".fault_{kind}_{step}"
-FREE_TRAIN_FIELDS = {"max_steps", "epochs", "micro_batch_size", "grad_accum", "global_batch_size"}
+
+
+FREE_TRAIN_FIELDS = {
+    "max_steps", "epochs", "micro_batch_size", "grad_accum", "global_batch_size",
+    "nonfinite_loss_steps",
+}
 
 
 def material(recipe: Recipe) -> dict[str, Any]:

@@ -9,6 +9,9 @@ part in collectives at step STEP) or ``sleep_step`` (the last rank sleeps inside
 ``FTLAUNCH_TEST_SLEEP_S`` seconds, 60 unless set, then the step goes on). STEP is a step
 number, or ``N+``: the first step from N on that reaches the point. Each fires once per run directory unless ``always`` is given; when it
 fires it writes ``.fault_KIND_STEP`` (STEP as given) into the run directory, holding the step.
+``nan_loss:STEP`` makes rank 0's loss NaN in each step that starts at a matching STEP (as
+``crash`` counts: ``nan_loss:2`` poisons the third step; ``N+``: every step from there on, a
+run that diverges; a single STEP: one bad batch); it writes no marker.
 ``slow_step:STEP`` (STEP usually ``N+``) makes rank ``FTLAUNCH_TEST_SLOW_RANK`` (the last rank
 unless set) sleep ``FTLAUNCH_TEST_SLOW_STEP_S`` seconds (0.3 unless set) at the start of every
 matching step, inside its own share of the step: a straggler. It writes no marker.
@@ -20,6 +23,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+
+import torch
 
 from launcher.ranks import Rank
 from launcher.run.rundir import RunDir
@@ -66,6 +71,13 @@ def slow_step(step: int, rank: Rank) -> None:
         return
     if rank.rank == int(os.environ.get(SLOW_RANK_ENV, str(rank.world - 1))):
         time.sleep(float(os.environ.get(SLOW_STEP_ENV, "0.3")))
+
+
+def nan_loss(loss: torch.Tensor, step: int, rank: Rank) -> torch.Tensor:
+    spec = os.environ.get(FAULT_ENV, "").split(":")
+    if len(spec) < 2 or spec[0] != "nan_loss" or not _matches(spec[1], step) or rank.rank != 0:
+        return loss
+    return loss * float("nan")
 
 
 def sleep_in_step(seconds: float) -> None:

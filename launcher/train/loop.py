@@ -29,7 +29,8 @@ from launcher.run.sync import push_from_worker
 from launcher.tasks import distill
 from launcher.tasks.base import EvalContext, Objective, Task, task_for
 from launcher.train import early_stop
-from launcher.train.faults import fault_point, slow_step
+from launcher.train.divergence import NonFiniteLoss
+from launcher.train.faults import fault_point, nan_loss, slow_step
 from launcher.train.hang import StepWatch
 from launcher.model.flops import device_peak_flops, flops_per_token, mfu, model_shape
 from launcher.plan.predict import predicted_peak_gb
@@ -159,6 +160,7 @@ def train(s: Session) -> tuple[int, PreemptState]:
     done = s.start
     preempt = PreemptState(s.start, lambda step: save(s, step))
     watch = StepWatch(run_dir, rank.rank, recipe.resources.hang_dump_s)
+    nonfinite = NonFiniteLoss(recipe.train.nonfinite_loss_steps, steps)
     for step in range(s.start, s.start if stopped else steps):
         watch.arm()
         if preempt.stop_here(run_dir, step, rank):
@@ -167,14 +169,18 @@ def train(s: Session) -> tuple[int, PreemptState]:
             fault_point(kind, step, run_dir, rank)
         done = step + 1
         record = step_record(s, step)
+        preempt.saveable = nonfinite.observe(done, record["loss"])  # the same on every rank
         due = eval_due(s, done)
         if due:
             record |= evaluate_now(s)
         log_step(s, record, due or done % recipe.logging.every_steps == 0 or done == steps)
+        nonfinite.check(preempt.saved)
         verdict = None
         if due and stopping is not None:
             history, verdict = early_stop.observe(history, stopping, done, record)
-        if saves.due(done, rank) or (verdict and (verdict.improved or verdict.stop)):
+        if preempt.saveable and (
+            saves.due(done, rank) or (verdict and (verdict.improved or verdict.stop))
+        ):
             preempt.timed_save(done)
         if verdict and verdict.improved and rank.rank == 0:
             ckpt.write_best(run_dir, done, stopping.metric, verdict.best_value)
@@ -255,7 +261,7 @@ def train_step(
     loss_total = torch.zeros((), dtype=torch.float64, device=rank.device)
     for batch in micro:
         forward = time.perf_counter()
-        loss = objective.loss_sum(engine, batch)
+        loss = nan_loss(objective.loss_sum(engine, batch), step, rank)
         own += time.perf_counter() - forward
         engine.backward(loss * scale / targets)
         timer.lap("fwd_bwd")

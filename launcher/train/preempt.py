@@ -28,6 +28,7 @@ class PreemptState:
         self.saved = start
         self.save_seconds: float | None = None
         self.stopped = False
+        self.saveable = True  # False after a step whose loss is not finite (train.divergence)
         self._save = save
 
     def timed_save(self, step: int) -> None:
@@ -41,7 +42,9 @@ class PreemptState:
         if req is None:
             return False
         self.stopped = True
-        if step > self.saved and stop_file.save_fits(req, self.save_seconds):
+        if step > self.saved and not self.saveable:
+            rank.log(f"{req.signal}: no checkpoint at step {step}: its loss is not finite")
+        elif step > self.saved and stop_file.save_fits(req, self.save_seconds):
             rank.log(f"{req.signal}: committing a checkpoint at step {step} before stopping")
             self.timed_save(step)
         elif step > self.saved and req.save:
