@@ -27,9 +27,13 @@ def fsync_path(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """temp + fsync + rename + fsync(dir): readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, a signal: no half-written temp file is left behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_path(path.parent)

@@ -19,7 +19,7 @@ from launcher.checkpoint.commit import committed
 from launcher.checkpoint.remote import committed_steps
 from launcher.driver import console, orchestrate, preflight, stop
 from launcher.driver.hang import HangWatcher
-from launcher.driver.prepare import prepare, recipe_locations
+from launcher.driver.prepare import prepare, recipe_locations, with_absolute_paths
 from launcher.driver.ray_session import RaySession
 from launcher.driver.stop import resume_command
 from launcher.driver.trackers import require, tracking
@@ -30,7 +30,9 @@ from launcher.run import liveness
 from launcher.run import sync
 from launcher.run.export import export_run, export_stored
 from launcher.run.store import local_run_dir, store_for
-from launcher.run.rundir import check_resumable, write_run_files
+from launcher.run.rundir import (
+    check_creatable, check_resumable, full_disk_note, write_run_files,
+)
 
 # The planner's fit warning before launch (recipe, on_ray): it reads the GPUs of the cluster,
 # so it lives above driver/ and the command passes it in.
@@ -63,6 +65,7 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
     with recipe_locations(req.recipe, req.overrides, req.output_dir):
         recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
         require(recipe, req.recipe)  # before anything starts
+        check_creatable(local_run_dir(with_absolute_paths(recipe).output_dir))  # before the data
         prepared = prepare(recipe)
     recipe = prepared.recipe
     run_dir, store = local_run_dir(recipe.output_dir), store_for(recipe.output_dir)
@@ -106,8 +109,8 @@ def train_torchrun(
         if trackers:
             trackers.status = "killed" if signals.stopping else "failed" if code else "finished"
     if code != 0 and not signals.stopping:
-        print(f"ftlaunch: training failed (the workers' output is in {run_dir / 'driver.log'})",
-              file=sys.stderr)
+        print(f"ftlaunch: training failed (the workers' output is in {run_dir / 'driver.log'})"
+              f"{full_disk_note(run_dir)}", file=sys.stderr)
         return 1
     return 0
 
@@ -142,7 +145,7 @@ def train_ray(
             if trackers:
                 trackers.status = "killed" if signals.stopping else "finished"
     except orchestrate.TrainingFailed as e:
-        print(f"ftlaunch: training failed: {e}", file=sys.stderr)
+        print(f"ftlaunch: training failed: {e}{full_disk_note(run_dir)}", file=sys.stderr)
         return 1
     finally:
         session.close()

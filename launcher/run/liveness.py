@@ -13,6 +13,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +60,13 @@ class Driver:
 
     def fail(self, reason: str) -> None:
         """Record that this launch ended in a failure (only once the directory is claimed)."""
-        if self._fd is not None:
+        if self._fd is None:
+            return
+        try:
             write_atomic(self.run_dir / FAILED, json.dumps({"reason": reason, "time": time.time()}))
+        except OSError as e:  # e.g. the disk that failed the run is full: say so, go on failing
+            print(f"ftlaunch: could not record the failure in {self.run_dir}: {e}",
+                  file=sys.stderr)
 
     def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> None:
         if error is not None and isinstance(error, Exception):

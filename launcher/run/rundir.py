@@ -4,6 +4,8 @@ reused to resume."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,41 @@ def check_resumable(run_dir: Path, recipe: Recipe, allow_change: bool) -> bool:
             + "\nuse another output_dir, or --allow-recipe-change to resume anyway",
         )
     return True
+
+
+FULL_BELOW_BYTES = 1 << 20
+
+
+def full_disk_note(run_dir: Path) -> str:
+    """For a failure message: a sentence when the run directory's filesystem is full (a save
+    cut short by it surfaces in a worker as an OSError, or as torch's "iostream error")."""
+    try:
+        free = shutil.disk_usage(run_dir).free
+    except OSError:
+        return ""
+    if free >= FULL_BELOW_BYTES:
+        return ""
+    return (f"; the filesystem of {run_dir} is full ({free} bytes free): free space there, then "
+            "run the same command to resume from the newest committed checkpoint")
+
+
+def check_creatable(run_dir: Path) -> None:
+    """Before anything starts: ``run_dir`` is a directory, or can be made one. Tried by
+    creating and removing an empty directory in its first existing ancestor, since permission
+    bits say nothing for root, a read-only filesystem, a full disk or a pseudo-filesystem."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserInputError("output_dir", f"{existing} is not a directory, so {run_dir} "
+                             "cannot be created")
+    try:
+        Path(tempfile.mkdtemp(prefix=".ftlaunch-probe-", dir=existing)).rmdir()
+    except OSError as e:
+        raise UserInputError(
+            "output_dir", f"{run_dir} cannot be written: creating a directory in {existing} "
+            f"failed ({e.strerror or e})",
+        ) from None
 
 
 def write_run_files(run_dir: Path, recipe: Recipe, ds_config: dict[str, Any]) -> None:
