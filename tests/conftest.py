@@ -180,3 +180,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if id(item) in shared:
             item.add_marker(pytest.mark.xdist_group(names[root(shared[id(item)][0])]))
+    if getattr(config.option, "numprocesses", None):
+        # xdist hands out the groups first, then single tests in this order: the long runs
+        # first and the short tests last, so that the two workers end together. Whole modules
+        # carry the marks, so each module's tests stay together (and its fixtures built once).
+        items.sort(key=lambda item: not any(map(item.get_closest_marker, ("e2e", "slow"))))
