@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -86,6 +87,24 @@ def test_torn_tail_is_skipped_and_a_repeated_step_drawn_once(tmp_path):
     run = fake_run(tmp_path / "resumed", lines)
     drawn = lines_by_label(plot.figures([run])["loss"])["resumed: loss"]
     assert drawn == ([1, 2, 3], [9.0, 8.0, 0.5])
+
+
+def test_steps_whose_loss_is_not_finite_are_shaded_not_dropped(tmp_path):
+    """A diverged run's NaN steps have no point on a line; the loss figure shades them."""
+    from launcher.report import plot
+    from launcher.report.history import nonfinite_stretches, read_history
+
+    losses = [3.0, math.nan, 2.5, math.inf, math.nan, None, -math.inf, 2.0, math.nan]
+    lines = [json.dumps({"step": s} | ({} if v is None else {"loss": v})) + "\n"
+             for s, v in enumerate(losses, start=1)]
+    run = fake_run(tmp_path / "diverged", lines)
+    assert nonfinite_stretches(read_history(run), "loss") == [(2, 2), (4, 7), (9, 9)]
+    fig = plot.figures([run])["loss"]
+    (ax,) = fig.axes
+    spans = [(p.get_x(), p.get_x() + p.get_width()) for p in ax.patches]
+    assert spans == [(1.5, 2.5), (3.5, 7.5), (8.5, 9.5)]
+    assert "diverged: loss not finite" in legend_texts(fig)
+    assert lines_by_label(fig)["diverged: loss"] == ([1, 3, 8], [3.0, 2.5, 2.0])
 
 
 def test_plot_writes_only_into_a_directory_it_owns(cli, tmp_path):

@@ -82,6 +82,27 @@ def series(records: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list
     return steps, values
 
 
+def nonfinite_stretches(records: Sequence[dict[str, Any]], key: str) -> list[tuple[int, int]]:
+    """(first, last) step of each run of consecutive records whose ``key`` is NaN or
+    infinite: ``series`` leaves them out, a plot must still show them (a diverged run)."""
+    stretches: list[tuple[int, int]] = []
+    open_at: int | None = None
+    last = 0
+    for record in records:
+        value = record.get(key)
+        bad = isinstance(value, float) and not math.isfinite(value)
+        if bad and open_at is None:
+            open_at = record["step"]
+        elif not bad and open_at is not None and value is not None:
+            stretches.append((open_at, last))
+            open_at = None
+        if bad:
+            last = record["step"]
+    if open_at is not None:
+        stretches.append((open_at, last))
+    return stretches
+
+
 def ema(values: Sequence[float], weight: float = EMA_WEIGHT) -> list[float]:
     out: list[float] = []
     for value in values:

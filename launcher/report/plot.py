@@ -17,7 +17,9 @@ from typing import Any
 from launcher.checkpoint.commit import present_files
 from launcher.durable import write_atomic
 from launcher.errors import UserInputError
-from launcher.report.history import EMA_WEIGHT, ema, eval_keys, read_history, require_run_dir, series
+from launcher.report.history import (
+    EMA_WEIGHT, ema, eval_keys, nonfinite_stretches, read_history, require_run_dir, series,
+)
 
 PLOTS_MARK = "ftlaunch_plots.json"
 # figure name -> (title, [(metric key, y-axis label)]): one panel per key
@@ -88,6 +90,9 @@ def loss_figure(runs: Sequence[tuple[str, list[dict[str, Any]]]]) -> Any:
         if steps:
             ax.plot(steps, evals, color=color, linestyle="--", marker="o", markersize=4,
                     label=f"{name}: eval_loss")
+        for n, (first, last) in enumerate(nonfinite_stretches(records, "loss")):
+            ax.axvspan(first - 0.5, last + 0.5, color="red", alpha=0.2,
+                       label=f"{name}: loss not finite" if n == 0 else None)
     _finish(fig, ax, "Loss", "loss")
     return fig
 
@@ -113,7 +118,7 @@ def _finish(fig: Any, ax: Any, title: str | None, ylabel: str) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     ax.grid(True, alpha=0.3)
-    if ax.get_lines():
+    if ax.get_lines() or ax.patches:
         ax.legend(fontsize="small")
 
 
