@@ -76,3 +76,12 @@ def test_a_stop_request_after_a_non_finite_step_saves_nothing(tmp_path):
     assert "SIGTERM: no checkpoint at step 5: its loss is not finite" in done.stdout
     assert "SIGTERM: committing a checkpoint at step 5 before stopping" in done.stdout
     assert "SAVED [5]" in done.stdout  # only the stop after a finite step saved
+
+
+def test_a_run_that_stops_early_on_a_non_finite_step_fails():
+    """Early stopping would end the run at a step it may not save, and export its NaN model."""
+    rule = NonFiniteLoss(3, total_steps=10)
+    rule.observe(4, math.nan)
+    rule.check(newest_checkpoint=2)  # one step of three: the run goes on
+    with pytest.raises(NonFiniteLossError, match="at step 4 "):
+        rule.check(newest_checkpoint=2, ending=True)

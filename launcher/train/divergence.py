@@ -37,13 +37,13 @@ class NonFiniteLoss:
             self.first = done
         return False
 
-    def check(self, newest_checkpoint: int) -> None:
+    def check(self, newest_checkpoint: int, ending: bool = False) -> None:
         """Raise NonFiniteLossError when the stretch is ``patience`` steps long, or reaches
-        the last step."""
+        the last step, or the run ends here anyway (``ending``: early stopping)."""
         if self.first is None:
             return
         count = self.done - self.first + 1
-        if count < self.patience and self.done < self.total_steps:
+        if count < self.patience and self.done < self.total_steps and not ending:
             return
         steps = f"step {self.first}" if count == 1 else f"steps {self.first}-{self.done}"
         newest = f"step {newest_checkpoint}" if newest_checkpoint else "none yet"

@@ -174,10 +174,10 @@ def train(s: Session) -> tuple[int, PreemptState]:
         if due:
             record |= evaluate_now(s)
         log_step(s, record, due or done % recipe.logging.every_steps == 0 or done == steps)
-        nonfinite.check(preempt.saved)
         verdict = None
         if due and stopping is not None:
             history, verdict = early_stop.observe(history, stopping, done, record)
+        nonfinite.check(preempt.saved, ending=bool(verdict and verdict.stop))
         if preempt.saveable and (
             saves.due(done, rank) or (verdict and (verdict.improved or verdict.stop))
         ):
