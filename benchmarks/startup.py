@@ -86,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(args.workdir, ignore_errors=True)
     args.workdir.mkdir(parents=True)
     env = os.environ | {"FTLAUNCH_CACHE": str(args.workdir / "cache"), "TOKENIZERS_PARALLELISM": "false"}
-    train, validation, mean_len = write_dataset(
+    train, validation, lengths = write_dataset(
         LengthSpec("long_tailed", job.seq_len, job.median_len), job.train_examples(), 64,
         job.vocab_size, job.seed, args.workdir,
     )
     data = {"tokenizer": build_tokenizer(job.vocab_size, args.workdir / "tokenizer"),
             "train": train, "validation": validation, "cache": args.workdir / "cache"}
-    batch = packed_batch(job, mean_len)
+    batch = packed_batch(job, float(lengths.mean()))
     results: dict[str, list[tuple[float, float]]] = {s: [] for s in args.systems}
     for round_ in range(args.rounds):
         order = args.systems if round_ % 2 == 0 else list(reversed(args.systems))

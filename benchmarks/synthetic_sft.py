@@ -72,11 +72,12 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> Path:
 
 def write_dataset(
     spec: LengthSpec, train: int, validation: int, vocab_size: int, seed: int, out_dir: Path
-) -> tuple[Path, Path, float]:
-    """Train and validation files for one length distribution, and the mean example length."""
+) -> tuple[Path, Path, np.ndarray]:
+    """Train and validation files for one length distribution, and the training examples'
+    token lengths."""
     rng = np.random.default_rng([seed, len(spec.kind)])
     lengths = sample_lengths(spec, train + validation, rng)
     rows = make_examples(lengths, vocab_size, rng)
     train_path = write_jsonl(rows[:train], out_dir / f"{spec.kind}_train.jsonl")
     val_path = write_jsonl(rows[train:], out_dir / f"{spec.kind}_val.jsonl")
-    return train_path, val_path, float(lengths[:train].mean())
+    return train_path, val_path, lengths[:train]

@@ -13,8 +13,11 @@ here), at the same sequence length, for the same number of steps with the same c
 learning rate, the same DeepSpeed ZeRO-2 dict config and the same attention kernel, on the same
 number of processes. The peers run under torchrun; ftlaunch under its default embedded Ray
 (``--backend torchrun`` to compare without Ray). A step holds about the same number of real
-tokens everywhere: packed rows per micro batch (ftlaunch, TRL bfd) are sized from the data's
-mean length so that they hold about as many real tokens as the others' examples.
+tokens everywhere: ftlaunch's packed rows (or length groups of that many rows' tokens) per
+micro batch are sized from the data's mean length to hold about as many tokens as the job's
+``micro_batch_size`` examples, TRL bfd takes the same rows, and the unpacked peers take as many
+examples per micro batch as hold the real tokens ftlaunch's units hold on average (its
+layout's fill, computed from the training lengths with ftlaunch's own grouping).
 
 Throughput counts real (non-padding) tokens on every rank, over the steps after the first
 tenth (warm-up excluded): ``tokens/s`` is the median over steps of the step's tokens over its
@@ -45,6 +48,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -245,6 +249,21 @@ def packed_batch(job: Job, mean_len: float) -> tuple[int, int]:
     return rows, max(1, round(step_tokens / (rows * job.seq_len)))
 
 
+def peer_examples(job: Job, lengths: np.ndarray, packed: tuple[int, int]) -> int:
+    """Examples per micro batch that give the unpacked peers the real tokens per step that
+    ftlaunch's units hold on average: packed rows on flash-attn, length groups otherwise
+    (a group holds less than its token budget: examples are padded to its longest)."""
+    from launcher.data.batch import packing_layout, training_units
+    from launcher.model.build import resolve_attention
+
+    rows, accum = packed
+    layout = packing_layout("auto", resolve_attention("auto", job.use_gpu))
+    units, per_micro = training_units(lengths, job.seq_len, rows, layout)
+    unit_tokens = float(np.mean([lengths[units.row(r)].sum() for r in range(len(units))]))
+    step_tokens = unit_tokens * per_micro * accum
+    return max(1, round(step_tokens / (job.grad_accum * float(lengths.mean()))))
+
+
 def ftlaunch_recipe(
     job: Job, dataset: str, data: dict[str, Path], batch: tuple[int, int], work: Path
 ) -> dict[str, Any]:
@@ -325,15 +344,15 @@ def run_ftlaunch(
 
 
 def peer_spec(
-    job: Job, peer: str, data: dict[str, Path], packed: tuple[int, int], ds_config: dict[str, Any],
-    attention: str, out: Path,
+    job: Job, peer: str, data: dict[str, Path], packed: tuple[int, int], examples: int,
+    ds_config: dict[str, Any], attention: str, out: Path,
 ) -> dict[str, Any]:
     batch_keys = (
         "train_batch_size",
         "train_micro_batch_size_per_gpu",
         "gradient_accumulation_steps",
     )
-    micro, accum = packed if peer == "trl_bfd" else (job.micro_batch_size, job.grad_accum)
+    micro, accum = packed if peer == "trl_bfd" else (examples, job.grad_accum)
     return {
         "peer": peer,
         "out_dir": str(out),
@@ -477,7 +496,7 @@ def best(results: list[Result]) -> Result:
 
 
 def run_round(
-    job: Job, dataset: str, data: dict[str, Path], packed: tuple[int, int], out: Path,
+    job: Job, dataset: str, data: dict[str, Path], packed: tuple[int, int], examples: int, out: Path,
     env: dict[str, str], backend: str, order: list[str], setup: tuple[dict, str] | None,
 ) -> tuple[list[Result], tuple[dict, str] | None]:
     """Every system once, in ``order``. The peers take ftlaunch's DeepSpeed config and
@@ -490,7 +509,9 @@ def run_round(
             setup = (ds_config, attention)
         else:
             assert setup is not None
-            spec = peer_spec(job, system, data, packed, *setup, out / f"{system}_{dataset}")
+            spec = peer_spec(
+                job, system, data, packed, examples, *setup, out / f"{system}_{dataset}"
+            )
             results.append(run_peer(job, system, dataset, spec, out, env))
     return results, setup
 
@@ -515,18 +536,25 @@ def run_job(
     results = []
     for dataset in datasets:
         spec = LengthSpec(dataset, job.seq_len, job.median_len)
-        train, validation, mean_len = write_dataset(
+        train, validation, lengths = write_dataset(
             spec, job.train_examples(), 64, job.vocab_size, job.seed, work
         )
         data = inputs | {"train": train, "validation": validation}
-        packed = packed_batch(job, mean_len)
+        packed = packed_batch(job, float(lengths.mean()))
+        examples = peer_examples(job, lengths, packed)
+        print(
+            f"# {dataset}: ftlaunch {packed[0]} row(s) x {packed[1]} micro step(s), TRL bfd the same, "
+            f"the unpacked peers {examples} examples x {job.grad_accum} (real tokens per step matched)"
+        )
         runs: dict[str, list[Result]] = {s: [] for s in ("ftlaunch", *peers)}
         setup = None
         for repeat in range(repeats):
             out = work / f"round{repeat}"
             out.mkdir(exist_ok=True)
             order = [*reversed(peers), "ftlaunch"] if repeat % 2 else ["ftlaunch", *peers]
-            done, setup = run_round(job, dataset, data, packed, out, env, backend, order, setup)
+            done, setup = run_round(
+                job, dataset, data, packed, examples, out, env, backend, order, setup
+            )
             for r in done:
                 runs[r.system].append(r)
         for system, rs in runs.items():

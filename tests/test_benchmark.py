@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.synthetic_sft import LengthSpec, sample_lengths
+from benchmarks.vs_hf_trainer import CPU_JOB, DATASETS, QUICK_JOB, packed_batch, peer_examples
+from launcher.data.pack import group_by_length
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.e2e
@@ -71,6 +74,23 @@ def test_quick_cpu_benchmark_prints_every_system_and_the_ratio(tmp_path):
     expected = ftlaunch / peers[strongest]
     rounding = expected * (0.5 / ftlaunch + 0.5 / peers[strongest]) + 0.005
     assert ratio == pytest.approx(expected, abs=rounding + 1e-9)
+
+
+@pytest.mark.parametrize("job", [CPU_JOB, QUICK_JOB], ids=lambda j: j.name)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_the_unpacked_peers_get_as_many_real_tokens_per_step_as_ftlaunch(job, dataset):
+    """ftlaunch's length groups hold less than their token budget (padded to their longest);
+    the peers' examples per micro batch follow what the groups really hold, not the budget."""
+    import numpy as np
+
+    lengths = sample_lengths(
+        LengthSpec(dataset, job.seq_len, job.median_len), job.train_examples(), np.random.default_rng(0)
+    )
+    rows, accum = packed_batch(job, float(lengths.mean()))
+    groups = group_by_length(lengths, rows * job.seq_len)
+    ours = np.mean([lengths[groups.row(r)].sum() for r in range(len(groups))]) * accum
+    theirs = peer_examples(job, lengths, (rows, accum)) * job.grad_accum * lengths.mean()
+    assert theirs == pytest.approx(ours, rel=0.12)
 
 
 def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[float]]:
