@@ -203,6 +203,22 @@ class Result:
     train_loss: float
     first_step_s: float  # command launched -> end of the first step
     after_s: float  # end of the last step -> command exited
+    step_fit: tuple[float, float]  # (a, b): a step of n real tokens takes about a + b * n s
+
+    def tokens_per_s_at(self, tokens: float) -> float:
+        """Real tokens/s of a step of ``tokens`` real tokens, from the fitted step time."""
+        a, b = self.step_fit
+        return tokens / (a + b * tokens)
+
+
+def fit_step_time(tokens: list[float], seconds: list[float]) -> tuple[float, float]:
+    """Least-squares line of step time on real tokens per step. Runs whose steps hold
+    different numbers of tokens (a Trainer's length-grouped batches range over 10x) are then
+    compared at one step size; a run with steps of one size gets a flat line through its mean."""
+    if len(set(tokens)) < 2:
+        return statistics.fmean(seconds), 0.0
+    b, a = np.polyfit(np.asarray(tokens, float), np.asarray(seconds, float), 1)
+    return float(a), float(b)
 
 
 @dataclass(frozen=True)
@@ -326,6 +342,7 @@ def run_ftlaunch(
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
     tokens = sum(r["tokens"] for r in steps)
     last = timeline.seen.get(job.steps, timeline.exited)
+    fit = fit_step_time([r["tokens"] for r in steps], [r["tokens"] / r["tokens_per_s"] for r in steps])
     result = Result(
         "ftlaunch",
         dataset,
@@ -337,6 +354,7 @@ def run_ftlaunch(
         sum(r["loss"] for r in steps[-5:]) / len(steps[-5:]),
         timeline.seen.get(1, math.nan) - timeline.launched,
         timeline.exited - last,
+        fit,
     )
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     attention = json.loads((run_dir / "run_info.json").read_text())["attention"]
@@ -413,6 +431,7 @@ def run_peer(
         sum(losses) / len(losses),
         ends[1] - timeline.launched,
         timeline.exited - ends[-1],
+        fit_step_time(per_step, [ends[i + 1] - ends[i] for i in range(first, job.steps)]),
     )
 
 
@@ -484,6 +503,14 @@ def report(
                 f"{ours.eval_loss:.4f} vs {r.eval_loss:.4f}"
             )
         print(f"{dataset}: strongest peer {strongest.system}")
+        size = ours.tokens_per_step
+        at = {r.system: r.tokens_per_s_at(size) for r in (ours, *peers)}
+        best_at = max((r for r in peers), key=lambda r: at[r.system])
+        print(
+            f"{dataset}: at {size:,.0f} real tokens per step (each run's step time fitted on its "
+            f"step tokens): " + ", ".join(f"{k} {v:,.0f}" for k, v in at.items())
+            + f"; x{at['ftlaunch'] / at[best_at.system]:.2f} vs {best_at.system}"
+        )
     return ratios
 
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.synthetic_sft import LengthSpec, sample_lengths
-from benchmarks.vs_hf_trainer import CPU_JOB, DATASETS, QUICK_JOB, packed_batch, peer_examples
+from benchmarks.vs_hf_trainer import (
+    CPU_JOB, DATASETS, QUICK_JOB, fit_step_time, packed_batch, peer_examples,
+)
 from launcher.data.pack import group_by_length
 from tests.conftest import ROOT
 
@@ -74,6 +76,11 @@ def test_quick_cpu_benchmark_prints_every_system_and_the_ratio(tmp_path):
     expected = ftlaunch / peers[strongest]
     rounding = expected * (0.5 / ftlaunch + 0.5 / peers[strongest]) + 0.005
     assert ratio == pytest.approx(expected, abs=rounding + 1e-9)
+    # every system is also compared at ftlaunch's real tokens per step
+    at = next(line for line in lines if line.startswith("long_tailed: at "))
+    steps_tokens = next(float(r[4].replace(",", "")) for r in rows if r[0] == "ftlaunch")
+    assert at.startswith(f"long_tailed: at {steps_tokens:,.0f} real tokens per step")
+    assert all(f" {s} " in at for s in systems), at
 
 
 @pytest.mark.parametrize("job", [CPU_JOB, QUICK_JOB], ids=lambda j: j.name)
@@ -91,6 +98,16 @@ def test_the_unpacked_peers_get_as_many_real_tokens_per_step_as_ftlaunch(job, da
     ours = np.mean([lengths[groups.row(r)].sum() for r in range(len(groups))]) * accum
     theirs = peer_examples(job, lengths, (rows, accum)) * job.grad_accum * lengths.mean()
     assert theirs == pytest.approx(ours, rel=0.12)
+
+
+def test_step_time_fit_compares_runs_at_one_step_size():
+    """A run whose step time is 0.05 s plus 0.1 ms per token: its steps of 200 to 3,000
+    tokens give back that line, so its tokens/s at 900 tokens is 900 / 0.14 whatever sizes
+    it ran; a run of one step size gets a flat line through its mean."""
+    tokens = [200.0, 700.0, 3000.0, 1200.0]
+    a, b = fit_step_time(tokens, [0.05 + 1e-4 * n for n in tokens])
+    assert a == pytest.approx(0.05) and b == pytest.approx(1e-4)
+    assert fit_step_time([900.0, 900.0], [0.2, 0.3]) == (pytest.approx(0.25), 0.0)
 
 
 def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[float]]:
