@@ -203,20 +203,25 @@ class Result:
     train_loss: float
     first_step_s: float  # command launched -> end of the first step
     after_s: float  # end of the last step -> command exited
-    step_fit: tuple[float, float]  # (a, b): a step of n real tokens takes about a + b * n s
+    step_fit: tuple[float, float] | None  # (a, b): a step of n real tokens takes a + b * n s
+    step_range: tuple[float, float]  # fewest and most real tokens in a step
 
     def tokens_per_s_at(self, tokens: float) -> float:
-        """Real tokens/s of a step of ``tokens`` real tokens, from the fitted step time."""
+        """Real tokens/s of a step of ``tokens`` real tokens: from the fitted step time where
+        the run's own steps span that size, else its mean rate (no extrapolation)."""
+        low, high = self.step_range
+        if self.step_fit is None or not low <= tokens <= high:
+            return self.mean_tokens_per_s
         a, b = self.step_fit
         return tokens / (a + b * tokens)
 
 
-def fit_step_time(tokens: list[float], seconds: list[float]) -> tuple[float, float]:
-    """Least-squares line of step time on real tokens per step. Runs whose steps hold
-    different numbers of tokens (a Trainer's length-grouped batches range over 10x) are then
-    compared at one step size; a run with steps of one size gets a flat line through its mean."""
-    if len(set(tokens)) < 2:
-        return statistics.fmean(seconds), 0.0
+def fit_step_time(tokens: list[float], seconds: list[float]) -> tuple[float, float] | None:
+    """Least-squares line of step time on real tokens per step, for a run whose steps span
+    sizes at least 1.5x apart (a Trainer's length-grouped batches range over 10x), so runs are
+    compared at one step size; None for steps of about one size (the slope would be noise)."""
+    if min(tokens) * 1.5 > max(tokens):
+        return None
     b, a = np.polyfit(np.asarray(tokens, float), np.asarray(seconds, float), 1)
     return float(a), float(b)
 
@@ -355,6 +360,7 @@ def run_ftlaunch(
         timeline.seen.get(1, math.nan) - timeline.launched,
         timeline.exited - last,
         fit,
+        (min(r["tokens"] for r in steps), max(r["tokens"] for r in steps)),
     )
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     attention = json.loads((run_dir / "run_info.json").read_text())["attention"]
@@ -432,6 +438,7 @@ def run_peer(
         ends[1] - timeline.launched,
         timeline.exited - ends[-1],
         fit_step_time(per_step, [ends[i + 1] - ends[i] for i in range(first, job.steps)]),
+        (min(per_step), max(per_step)),
     )
 
 
@@ -507,8 +514,8 @@ def report(
         at = {r.system: r.tokens_per_s_at(size) for r in (ours, *peers)}
         best_at = max((r for r in peers), key=lambda r: at[r.system])
         print(
-            f"{dataset}: at {size:,.0f} real tokens per step (each run's step time fitted on its "
-            f"step tokens): " + ", ".join(f"{k} {v:,.0f}" for k, v in at.items())
+            f"{dataset}: at {size:,.0f} real tokens per step (step time fitted on step tokens "
+            f"where a run's steps span that size, else its mean tok/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in at.items())
             + f"; x{at['ftlaunch'] / at[best_at.system]:.2f} vs {best_at.system}"
         )
     return ratios

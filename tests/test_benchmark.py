@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks.synthetic_sft import LengthSpec, sample_lengths
 from benchmarks.vs_hf_trainer import (
-    CPU_JOB, DATASETS, QUICK_JOB, fit_step_time, packed_batch, peer_examples,
+    CPU_JOB, DATASETS, QUICK_JOB, Result, fit_step_time, packed_batch, peer_examples,
 )
 from launcher.data.pack import group_by_length
 from tests.conftest import ROOT
@@ -102,12 +102,16 @@ def test_the_unpacked_peers_get_as_many_real_tokens_per_step_as_ftlaunch(job, da
 
 def test_step_time_fit_compares_runs_at_one_step_size():
     """A run whose step time is 0.05 s plus 0.1 ms per token: its steps of 200 to 3,000
-    tokens give back that line, so its tokens/s at 900 tokens is 900 / 0.14 whatever sizes
-    it ran; a run of one step size gets a flat line through its mean."""
+    tokens give back that line; steps of about one size give no line (its slope is noise),
+    and a size outside a run's steps is never extrapolated to."""
     tokens = [200.0, 700.0, 3000.0, 1200.0]
     a, b = fit_step_time(tokens, [0.05 + 1e-4 * n for n in tokens])
     assert a == pytest.approx(0.05) and b == pytest.approx(1e-4)
-    assert fit_step_time([900.0, 900.0], [0.2, 0.3]) == (pytest.approx(0.25), 0.0)
+    assert fit_step_time([900.0, 1000.0, 950.0], [0.2, 0.3, 0.1]) is None
+    run = Result("hf_grouped", "long_tailed", 5000.0, 4000.0, 900.0, 1.0, 6.0, 6.0, 10.0, 3.0,
+                 (a, b), (200.0, 3000.0))
+    assert run.tokens_per_s_at(900.0) == pytest.approx(900.0 / 0.14)
+    assert run.tokens_per_s_at(100.0) == run.mean_tokens_per_s == 4000.0
 
 
 def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[float]]:
