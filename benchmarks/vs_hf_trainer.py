@@ -347,7 +347,8 @@ def run_ftlaunch(
     seconds = sum(r["tokens"] / r["tokens_per_s"] for r in steps)
     tokens = sum(r["tokens"] for r in steps)
     last = timeline.seen.get(job.steps, timeline.exited)
-    fit = fit_step_time([r["tokens"] for r in steps], [r["tokens"] / r["tokens_per_s"] for r in steps])
+    step_tokens = [r["tokens"] for r in steps]
+    fit = fit_step_time(step_tokens, [r["tokens"] / r["tokens_per_s"] for r in steps])
     result = Result(
         "ftlaunch",
         dataset,
@@ -360,7 +361,7 @@ def run_ftlaunch(
         timeline.seen.get(1, math.nan) - timeline.launched,
         timeline.exited - last,
         fit,
-        (min(r["tokens"] for r in steps), max(r["tokens"] for r in steps)),
+        (min(step_tokens), max(step_tokens)),
     )
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     attention = json.loads((run_dir / "run_info.json").read_text())["attention"]
@@ -512,11 +513,12 @@ def report(
         print(f"{dataset}: strongest peer {strongest.system}")
         size = ours.tokens_per_step
         at = {r.system: r.tokens_per_s_at(size) for r in (ours, *peers)}
-        best_at = max((r for r in peers), key=lambda r: at[r.system])
+        best_at = max(peers, key=lambda r: at[r.system])
+        rates = ", ".join(f"{k} {v:,.0f}" for k, v in at.items())
         print(
             f"{dataset}: at {size:,.0f} real tokens per step (step time fitted on step tokens "
-            f"where a run's steps span that size, else its mean tok/s): " + ", ".join(f"{k} {v:,.0f}" for k, v in at.items())
-            + f"; x{at['ftlaunch'] / at[best_at.system]:.2f} vs {best_at.system}"
+            f"where a run's steps span that size, else its mean tok/s): {rates}; "
+            f"x{at['ftlaunch'] / at[best_at.system]:.2f} vs {best_at.system}"
         )
     return ratios
 
@@ -530,8 +532,8 @@ def best(results: list[Result]) -> Result:
 
 
 def run_round(
-    job: Job, dataset: str, data: dict[str, Path], packed: tuple[int, int], examples: int, out: Path,
-    env: dict[str, str], backend: str, order: list[str], setup: tuple[dict, str] | None,
+    job: Job, dataset: str, data: dict[str, Path], packed: tuple[int, int], examples: int,
+    out: Path, env: dict[str, str], backend: str, order: list[str], setup: tuple[dict, str] | None,
 ) -> tuple[list[Result], tuple[dict, str] | None]:
     """Every system once, in ``order``. The peers take ftlaunch's DeepSpeed config and
     attention kernel (``setup``, from an earlier round, or from this round's ftlaunch run)."""
@@ -577,8 +579,9 @@ def run_job(
         packed = packed_batch(job, float(lengths.mean()))
         examples = peer_examples(job, lengths, packed)
         print(
-            f"# {dataset}: ftlaunch {packed[0]} row(s) x {packed[1]} micro step(s), TRL bfd the same, "
-            f"the unpacked peers {examples} examples x {job.grad_accum} (real tokens per step matched)"
+            f"# {dataset}: ftlaunch {packed[0]} row(s) x {packed[1]} micro step(s), TRL bfd the "
+            f"same, the unpacked peers {examples} examples x {job.grad_accum} (real tokens per "
+            "step matched)"
         )
         runs: dict[str, list[Result]] = {s: [] for s in ("ftlaunch", *peers)}
         setup = None

@@ -90,9 +90,8 @@ def test_the_unpacked_peers_get_as_many_real_tokens_per_step_as_ftlaunch(job, da
     the peers' examples per micro batch follow what the groups really hold, not the budget."""
     import numpy as np
 
-    lengths = sample_lengths(
-        LengthSpec(dataset, job.seq_len, job.median_len), job.train_examples(), np.random.default_rng(0)
-    )
+    spec = LengthSpec(dataset, job.seq_len, job.median_len)
+    lengths = sample_lengths(spec, job.train_examples(), np.random.default_rng(0))
     rows, accum = packed_batch(job, float(lengths.mean()))
     groups = group_by_length(lengths, rows * job.seq_len)
     ours = np.mean([lengths[groups.row(r)].sum() for r in range(len(groups))]) * accum
