@@ -53,3 +53,18 @@ def test_relay_names_a_worker_error_that_torchrun_prefixed_with_its_rank(capsys,
     relay.poll()
     assert relay.errors == [error]
     assert "[ftlaunch] WARNING: skipping run/checkpoints/step_00000008" in capsys.readouterr().err
+
+
+def test_routing_imports_nothing_and_the_bars_are_put_back_as_they_were():
+    """``routed`` is entered before Ray starts, so it must not import transformers; the bars
+    go off in ``no_progress_bars`` and come back only if they were on."""
+    from transformers.utils import logging as hf_logging
+
+    for was_on in (True, False):
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()
+        with console.routed():
+            assert hf_logging.is_progress_bar_enabled() == was_on
+            with console.no_progress_bars():
+                assert not hf_logging.is_progress_bar_enabled()
+        assert hf_logging.is_progress_bar_enabled() == was_on
+    hf_logging.enable_progress_bar()

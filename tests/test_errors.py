@@ -1,5 +1,7 @@
 """Bad recipes and data: exit code 2, a message naming the field or file:line, and no run
-directory left behind. Runs the real CLI in-process; nothing reaches Ray."""
+directory left behind. Runs the real CLI in-process on the torchrun backend, whose validation
+is the Ray backend's; nothing reaches Ray (on Ray, the launch would start an embedded Ray
+beside the validation and shut it down after the error: tests/test_embedded_ray.py)."""
 
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def test_bad_input_exits_2_and_leaves_nothing(case, tmp_path, cli):
     changes, expected = CASES[case]
     run_dir = tmp_path / "run"
     path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(run_dir, **changes(tmp_path)))
-    code, _, err = cli(path)
+    code, _, err = cli(path, "--backend", "torchrun")
     assert code == 2, err
     for text in expected:
         assert text in err, f"{text!r} not in: {err}"
@@ -102,7 +104,7 @@ def test_resume_with_changed_recipe_is_refused(cli, tmp_path):
     first = prepare(Recipe.model_validate(tiny_recipe(run_dir)))
     write_run_files(run_dir, first.recipe, first.ds_config)
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(run_dir, train={"lr": 0.5}))
-    code, _, err = cli(path)
+    code, _, err = cli(path, "--backend", "torchrun")
     assert code == 2 and "train.lr: 0.001 -> 0.5" in err
     assert not (run_dir / "checkpoints").exists()
 

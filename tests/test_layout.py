@@ -71,3 +71,27 @@ def test_parsers_only_in_cli():
         and re.search(r"\bargparse\b|\.add_argument\(", p.read_text())
     ]
     assert not found, f"argparse outside launcher/cli/: {found}"
+
+
+HEAVY = ("torch", "transformers", "datasets", "deepspeed", "peft", "pandas")
+UNTIL_RAY_STARTS = """
+import sys
+import launcher.cli, launcher.cli.commands, launcher.driver.launch
+from launcher.driver import locations, ray_session
+from launcher.recipe import load_recipe
+print(" ".join(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def test_what_the_launch_runs_before_it_starts_ray_imports_no_ml_library():
+    """``ftlaunch train`` starts Ray (seconds of waiting on its processes) while the driver
+    validates; everything before that point must stay cheap. Importing torch or transformers
+    there (1-3 s on 2 cores) puts it back in front of ``ray.init``."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", UNTIL_RAY_STARTS.format(heavy=HEAVY)], cwd=ROOT,
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    assert done.stdout.split() == [], done.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.driver.prepare import field_location
+from launcher.driver.locations import field_location
 from tests.conftest import tiny_recipe, write_recipe
 
 

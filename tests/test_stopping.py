@@ -531,3 +531,32 @@ def test_output_dir_is_taken_literally(cli, tmp_path, path):
     code, out, err = cli("check", recipe, "--offline", f"--output-dir={target}")
     assert code == 0, err
     assert yaml.safe_load(out.split("# DeepSpeed config")[0])["output_dir"] == target
+
+
+def test_sigterm_while_ray_starts_and_the_driver_tokenizes_stops_cleanly(tmp_path):
+    """On the Ray backend the launch starts Ray while it prepares the data, so the tokenizer's
+    processes are forked after Ray's threads started. A SIGTERM to the driver then ends the
+    command with 143 and the resume command, no crash report from Ray's failure handler, and
+    nothing left running (Driver's exit checks): tokenizer processes, Ray's processes."""
+    import json
+    import random
+
+    from launcher.data.synthetic import make_example
+
+    rng = random.Random(0)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(make_example(rng)) + "\n" for _ in range(200_000)))
+    recipe, run_dir = recipe_file(
+        tmp_path, train={"max_steps": 2}, data={"train": str(data), "validation": None})
+    with Driver(tmp_path, recipe, backend="ray") as driver:
+        driver.wait_until(
+            lambda: re.search(r"\b[1-9]\d*000/200000", driver.err.read_text())
+            and "raylet" in driver.names(), "tokenizing with Ray's raylet up")
+        driver.send(signal.SIGTERM)
+        exit_code = driver.finish()
+    err = driver.err.read_text()
+    assert exit_code == 143, err[-3000:]
+    assert "ftlaunch: stopped by SIGTERM. To resume, run:" in err, err[-3000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
+    assert not (run_dir / "checkpoints").exists()
+

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from launcher.durable import fsync_path, sha256_file, write_atomic  # noqa: F401
 from launcher.errors import UserInputError
 from launcher.run.rundir import RunDir
@@ -204,6 +202,8 @@ def unsafe_globals(path: Path) -> list[str]:
     and safetensors is treated as a pickle, whatever its name."""
     if path.suffix in NOT_PICKLES:
         return []
+    import torch  # here: the launch imports this module before it starts Ray, torch after
+
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     except Exception as e:  # not a torch zip/pickle at all

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "train")
     args = build_parser().parse_args(argv)
     args.argv = argv
+    from launcher.driver.ray_session import settle
     from launcher.driver.stop import Terminated, signal_received, signals_raise
 
     try:
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         if signal_received() is None:
             raise
         return stopped(argv)  # a library's clean-up raised on the way out of the stop
+    finally:
+        settle()  # after the message: a launch that failed while Ray was starting shuts it down
 
 
 def entry() -> int:

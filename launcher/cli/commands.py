@@ -19,7 +19,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     import yaml
 
     from launcher.driver.trackers import require
-    from launcher.driver.prepare import prepare, prepare_offline, recipe_locations
+    from launcher.driver.locations import recipe_locations
+    from launcher.driver.prepare import prepare, prepare_offline
     from launcher.driver.show import show
     from launcher.errors import UserInputError
 
@@ -55,13 +56,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.driver.launch import TrainRequest, train
-    from launcher.plan.command import warn_before_launch
+
+    def fit_warning(recipe, on_ray: bool) -> None:
+        from launcher.plan.command import warn_before_launch  # imports torch: not before Ray
+
+        warn_before_launch(recipe, on_ray)
 
     request = TrainRequest(
         args.recipe, tuple(args.set), args.output_dir, args.backend, args.address,
         args.insecure, args.allow_recipe_change, not args.no_progress, tuple(args.argv),
     )
-    return train(request, warn_before_launch)
+    return train(request, fit_warning)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -127,9 +127,10 @@ class _Divert(logging.Filter):
 
 @contextmanager
 def routed() -> Iterator[RunLog]:
-    """For one launch: library warnings, Ray's and DeepSpeed's driver loggers and the
-    transformers progress bars go to the run log (the bars nowhere) rather than the terminal;
-    all is put back as it was on exit."""
+    """For one launch: library warnings and Ray's and DeepSpeed's driver loggers go to the run
+    log rather than the terminal; all is put back as it was on exit. Cheap to enter (it imports
+    nothing), so the launch routes before it starts Ray; :func:`no_progress_bars` is the part
+    that needs transformers."""
     global _current
     log = RunLog()
     divert = _Divert(log)
@@ -137,13 +138,11 @@ def routed() -> Iterator[RunLog]:
     _take(log)
     for name in ROUTED_LOGGERS:
         logging.getLogger(name).addFilter(divert)
-    bars = _progress_bars(False)
     _current = log
     try:
         yield log
     finally:
         _current = None
-        _progress_bars(bars)
         logging.captureWarnings(False)
         for name, (handlers, propagate) in log.saved.items():
             logger = logging.getLogger(name)
@@ -170,14 +169,19 @@ def reroute() -> None:
         _take(_current)
 
 
-def _progress_bars(on: bool) -> bool:
-    """Turns transformers' tqdm bars (loading and writing shards at export) on or off;
-    returns whether they were on."""
+@contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' tqdm bars (loading and writing shards at the export) off while the body
+    runs, as they were afterwards."""
     from transformers.utils import logging as hf_logging
 
     was = hf_logging.is_progress_bar_enabled()
-    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
-    return was
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def attach(run_dir: Path) -> Path:

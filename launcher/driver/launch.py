@@ -14,12 +14,12 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launcher.checkpoint.commit import committed
-from launcher.checkpoint.remote import committed_steps
 from launcher.driver import console, orchestrate, preflight, stop
 from launcher.driver.hang import HangWatcher
-from launcher.driver.prepare import prepare, recipe_locations, with_absolute_paths
+from launcher.driver.locations import recipe_locations, with_absolute_paths
 from launcher.driver.ray_session import RaySession
 from launcher.driver.stop import resume_command
 from launcher.driver.trackers import require, tracking
@@ -28,11 +28,13 @@ from launcher.jobs.address import check_cluster_address, check_cluster_answers
 from launcher.recipe import Recipe, load_recipe
 from launcher.run import liveness
 from launcher.run import sync
-from launcher.run.export import export_run, export_stored
 from launcher.run.store import local_run_dir, store_for
 from launcher.run.rundir import (
     check_creatable, check_resumable, full_disk_note, write_run_files,
 )
+
+if TYPE_CHECKING:
+    from launcher.driver.prepare import Prepared
 
 # The planner's fit warning before launch (recipe, on_ray): it reads the GPUs of the cluster,
 # so it lives above driver/ and the command passes it in.
@@ -66,7 +68,23 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
         recipe = load_recipe(req.recipe, req.overrides, req.output_dir)
         require(recipe, req.recipe)  # before anything starts
         check_creatable(local_run_dir(with_absolute_paths(recipe).output_dir))  # before the data
-        prepared = prepare(recipe)
+    session = RaySession(req.address, recipe.resources) if req.backend == "ray" else None
+    with console.routed() as log, session or contextlib.nullcontext():
+        if session is not None:
+            session.open()  # Ray starts while the driver validates
+        from launcher.driver.prepare import prepare  # torch, transformers: while Ray starts
+
+        with recipe_locations(req.recipe, req.overrides, req.output_dir):
+            prepared = prepare(recipe)
+        return launch(req, prepared, session, log, fit_warning)
+
+
+def launch(
+    req: TrainRequest, prepared: Prepared, session: RaySession | None, log: console.RunLog,
+    fit_warning: FitWarning,
+) -> int:
+    """The validated recipe's run directory claimed, trained under the stop signals on the
+    session's Ray (None: torchrun), exported."""
     recipe = prepared.recipe
     run_dir, store = local_run_dir(recipe.output_dir), store_for(recipe.output_dir)
     if store is not None:
@@ -74,9 +92,8 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
     resuming = check_resumable(run_dir, recipe, req.allow_recipe_change)
     stop.clear(run_dir)
     cp = recipe.checkpoint
-    session = RaySession(req.address, recipe.resources) if req.backend == "ray" else None
-    with liveness.Driver(run_dir) as driver, console.routed() as log, \
-            HangWatcher(run_dir, recipe.resources), session or contextlib.nullcontext():
+    with liveness.Driver(run_dir) as driver, HangWatcher(run_dir, recipe.resources), \
+            console.no_progress_bars():
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if session is None:
                 progress = req.progress and recipe.logging.progress
@@ -90,6 +107,8 @@ def train(req: TrainRequest, fit_warning: FitWarning) -> int:
         if code != 0:
             driver.fail("training failed")
             return code
+        from launcher.run.export import export_run, export_stored
+
         final = export_run(run_dir) if store is None else export_stored(recipe.output_dir)
         print(f"[ftlaunch] model exported and verified: {final}", file=sys.stderr)
     return code
@@ -163,6 +182,8 @@ def report_stop(signals, run_dir: Path, argv: Sequence[str], output_dir: str = "
     """After a signal: say what was kept and the command that continues the run."""
     store = store_for(output_dir)
     if store is not None:
+        from launcher.checkpoint.remote import committed_steps  # imports torch: only here
+
         steps = committed_steps(store)
     else:
         steps = [c.step for c in committed(run_dir)] if run_dir.is_dir() else []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,10 +27,11 @@ class TrainingFailed(Exception):
     """Training ended in an error after Ray Train used up its restarts."""
 
 
-def connect(address: str | None, res: ResourcesSection) -> bool:
+def connect(address: str | None, res: ResourcesSection, logging_level: int = logging.INFO) -> bool:
     """Join ``address`` / RAY_ADDRESS, or start an embedded local Ray. True if connected
     here: the caller then calls ``ray.shutdown()``, which stops an embedded Ray, and on an
-    external cluster ends this job, so Ray reclaims its actors (the workers) and nothing else."""
+    external cluster ends this job, so Ray reclaims its actors (the workers) and nothing else.
+    ``logging_level``: the level ``ray.init`` gives the driver's ``ray`` logger."""
     import ray
 
     console.reroute()  # Ray's start-up messages go to driver.log
@@ -41,15 +43,17 @@ def connect(address: str | None, res: ResourcesSection) -> bool:
     if named:
         where = "--address" if address else "RAY_ADDRESS"
         try:
-            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True)
+            ray.init(address=address or os.environ["RAY_ADDRESS"], log_to_driver=True,
+                     logging_level=logging_level)
         except ConnectionError as e:  # "auto" and no cluster (found by ray.init itself)
             raise UserInputError(where, str(e)) from None
         return True
-    start_local_ray(max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999)))
+    num_cpus = max(os.cpu_count() or 1, int(res.num_workers * res.cpus_per_worker + 0.999))
+    start_local_ray(num_cpus, logging_level)
     return True
 
 
-def start_local_ray(num_cpus: int) -> None:
+def start_local_ray(num_cpus: int, logging_level: int = logging.INFO) -> None:
     """A private Ray instance with its own dashboard, and Ray's state API pointed at it.
 
     Ray Train's placement-group cleaner polls the state API, which otherwise looks up the
@@ -66,6 +70,7 @@ def start_local_ray(num_cpus: int) -> None:
         dashboard_port=port,
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         log_to_driver=True,
+        logging_level=logging_level,
     )
 
 

@@ -106,7 +106,8 @@ class Signals:
 
     def reclaim(self) -> None:
         """Install the handlers again: Ray's core worker, once connected, puts a C++ failure
-        handler on SIGTERM that aborts the driver."""
+        handler on SIGTERM. On Linux the Ray session's thread has already taken it off
+        (``ray_session.kept_sigterm``); elsewhere this is what does."""
         for sig in EXIT_CODES:
             signal.signal(sig, self._handle)
 
