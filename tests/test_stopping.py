@@ -560,3 +560,26 @@ def test_sigterm_while_ray_starts_and_the_driver_tokenizes_stops_cleanly(tmp_pat
     assert "Traceback" not in err and "SIGTERM received" not in err, err[-3000:]
     assert not (run_dir / "checkpoints").exists()
 
+
+def test_kill_9_of_the_driver_while_it_tokenizes_leaves_no_tokenizer_process(tmp_path):
+    """SIGKILL to the driver alone (the OOM killer's way), mid-tokenizing: the pool's
+    processes end with it instead of waiting on the pool's queue for good (Driver's exit
+    checks that nothing of the session is left)."""
+    import json
+    import random
+
+    from launcher.data.synthetic import make_example
+
+    rng = random.Random(0)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(make_example(rng)) + "\n" for _ in range(200_000)))
+    recipe, _ = recipe_file(
+        tmp_path, train={"max_steps": 2}, data={"train": str(data), "validation": None})
+    with Driver(tmp_path, recipe) as driver:
+        driver.wait_until(lambda: re.search(r"\b[1-9]\d*000/200000", driver.err.read_text()),
+                          "tokenizing under way")
+        pool = driver.descendants()
+        driver.send(signal.SIGKILL)
+        assert driver.finish() == -signal.SIGKILL
+        _, alive = psutil.wait_procs(pool, timeout=30)
+        assert pool and not alive, f"left running: {alive}"

@@ -44,7 +44,13 @@ class _ChildrenStartDefault:
     child's interpreter has reset its signal state after the fork is dropped, and a worker
     that then waits on the pool's queue lock blocks its parent's ``Pool.terminate`` forever.
     So the signals are blocked across the fork, and the child unblocks them only after the
-    default action is back: one sent meanwhile stays pending and then kills it."""
+    default action is back: one sent meanwhile stays pending and then kills it.
+
+    The child also ends when the driver does (Linux: ``PR_SET_PDEATHSIG``): killed with
+    SIGKILL, the driver left the pool's workers and its manager process waiting for good. The
+    signal follows the thread that forked, here the one that runs the pool and waits for it.
+    Only Python-level forks run these hooks: ``subprocess`` children (torchrun, Ray's
+    processes) are not touched."""
 
     def __init__(self) -> None:
         self.holders = 0
@@ -64,6 +70,7 @@ class _ChildrenStartDefault:
         self.masks.previous = (
             signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_CODES) if self.holders else None
         )
+        self.masks.parent = os.getpid()
 
     def _restore_mask(self) -> None:
         previous = getattr(self.masks, "previous", None)
@@ -78,8 +85,23 @@ class _ChildrenStartDefault:
         try:
             for sig in EXIT_CODES:
                 signal.signal(sig, signal.SIG_DFL)
+            _end_with(self.masks.parent)
         finally:
             self._restore_mask()
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _end_with(parent: int) -> None:
+    """This process gets SIGKILL when the thread that forked it ends (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
+            and os.getppid() != parent:  # the parent ended before the call
+        os._exit(1)
 
 
 _children_default = _ChildrenStartDefault()
