@@ -46,11 +46,13 @@ class _ChildrenStartDefault:
     So the signals are blocked across the fork, and the child unblocks them only after the
     default action is back: one sent meanwhile stays pending and then kills it.
 
-    The child also ends when the driver does (Linux: ``PR_SET_PDEATHSIG``): killed with
-    SIGKILL, the driver left the pool's workers and its manager process waiting for good. The
-    signal follows the thread that forked, here the one that runs the pool and waits for it.
-    Only Python-level forks run these hooks: ``subprocess`` children (torchrun, Ray's
-    processes) are not touched."""
+    A child forked by the main thread also ends when the driver does (Linux:
+    ``PR_SET_PDEATHSIG``): killed with SIGKILL, the driver left the pool's workers and its
+    manager process waiting for good. The signal follows the thread that forked, so a worker
+    the pool's own handler thread forks to replace a dead one is left out: that thread ends
+    with the pool, and the signal would kill the new worker while it may hold the queue's
+    lock, on which ``Pool.terminate`` then waits forever. Only Python-level forks run these
+    hooks: ``subprocess`` children (torchrun, Ray's processes) are not touched."""
 
     def __init__(self) -> None:
         self.holders = 0
@@ -70,7 +72,8 @@ class _ChildrenStartDefault:
         self.masks.previous = (
             signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_CODES) if self.holders else None
         )
-        self.masks.parent = os.getpid()
+        on_main = threading.current_thread() is threading.main_thread()
+        self.masks.parent = os.getpid() if on_main else None
 
     def _restore_mask(self) -> None:
         previous = getattr(self.masks, "previous", None)
@@ -85,7 +88,8 @@ class _ChildrenStartDefault:
         try:
             for sig in EXIT_CODES:
                 signal.signal(sig, signal.SIG_DFL)
-            _end_with(self.masks.parent)
+            if self.masks.parent is not None:
+                _end_with(self.masks.parent)
         finally:
             self._restore_mask()
 
