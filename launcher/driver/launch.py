@@ -144,6 +144,7 @@ def train_ray(
     try:
         session.wait()
         signals.reclaim()
+        console.log_line(f"[ftlaunch] {session.describe()}")
         if signals.stopping:
             return 0
         orchestrate.check_capacity(recipe.resources)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import signal
 import sys
 import threading
@@ -91,6 +92,17 @@ class RaySession:
         if self._error is not None:
             raise self._error
         return self.here
+
+    def describe(self) -> str:
+        """The Ray this session is connected to, in a line for driver.log (Ray's own
+        start-up lines are muted)."""
+        import ray
+
+        gcs = ray.get_runtime_context().gcs_address
+        if not self.here:
+            return f"Ray connected before the launch: GCS at {gcs}"
+        where = self._address or os.environ.get("RAY_ADDRESS")
+        return f"Ray {f'joined at {where}' if where else 'started on this machine'}: GCS at {gcs}"
 
     def close(self) -> None:
         with self._lock:
