@@ -234,3 +234,45 @@ def test_a_recipe_error_found_while_ray_starts_is_all_the_command_says(tmp_path)
     while (left := _pids_in_sessions({proc.pid})) and time.time() < deadline:
         time.sleep(0.2)
     assert not left
+
+
+IN_PROCESS_PROBE = """
+import sys, threading
+import ray
+from launcher.cli import main
+
+for attempt in (1, 2):
+    code = main([sys.argv[1], "--no-progress"])
+    left = [t.name for t in threading.enumerate() if t.name == "ftlaunch-ray" and t.is_alive()]
+    print("ATTEMPT", attempt, code, ray.is_initialized(), left, flush=True)
+"""
+
+
+def test_an_in_process_caller_gets_main_back_only_once_the_ray_it_started_is_down(tmp_path):
+    """``main`` returns after the Ray that a failed launch started beside its validation has
+    been shut down (``settle``), so an in-process caller (a notebook, a test) can launch again
+    at once: twice in a row, exit 2, no Ray connected, no session thread left."""
+    import json
+
+    from tests.conftest import tiny_recipe, write_recipe
+
+    row = json.dumps({"instruction": "add", "input": "1 2", "output": "three"})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(f"{row}\n{{\"instruction\": \n")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        tmp_path / "run", data={"train": str(bad), "validation": None}))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", IN_PROCESS_PROBE, str(recipe)], cwd=ROOT, capture_output=True,
+            text=True, timeout=300, check=False,
+            env=os.environ | {"PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp),
+                              "FTLAUNCH_CACHE": str(tmp_path / "cache")},
+        )
+        sessions = list(ray_tmp.glob("**/session_2*"))
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    attempts = [line for line in done.stdout.splitlines() if line.startswith("ATTEMPT")]
+    assert attempts == ["ATTEMPT 1 2 False []", "ATTEMPT 2 2 False []"], done.stdout
+    assert len(sessions) == 2  # each launch did start a Ray beside its validation

@@ -34,7 +34,7 @@ def connect(address: str | None, res: ResourcesSection, logging_level: int = log
     ``logging_level``: the level ``ray.init`` gives the driver's ``ray`` logger."""
     import ray
 
-    console.reroute()  # Ray's start-up messages go to driver.log
+    console.reroute()  # what Ray says from here on (at logging_level and up) goes to driver.log
     named = address or os.environ.get("RAY_ADDRESS")
     if named:  # checked even when Ray is already up here: the address named is the user's word
         check_cluster_answers(address, os.environ)
