@@ -7,6 +7,7 @@ Saves are slowed down with the launcher's fault hook (launcher/train/faults.py, 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -21,7 +22,7 @@ import pytest
 
 from launcher.checkpoint import commit as ckpt
 from launcher.train.metrics import read_metrics
-from tests.conftest import ROOT, deep_update, tiny_recipe, write_recipe
+from tests.conftest import DATA, ROOT, TINY_LLAMA, deep_update, tiny_recipe, write_recipe
 from tests.raynodes import LocalRayCluster, _pids_in_sessions
 
 pytestmark = pytest.mark.e2e
@@ -391,6 +392,56 @@ def _forked_child_sees() -> str:
 def _signal_state() -> tuple[object, object, set[signal.Signals]]:
     return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
             signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+SWALLOWING_CONFIG = """import os
+import signal
+import time
+
+from transformers import LlamaConfig
+
+# The first process to import this sends itself SIGTERM and swallows what its handler raises,
+# as a library with a bare ``except`` would.
+try:
+    os.close(os.open(MARKER, os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    pass
+else:
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+    except BaseException:
+        pass
+
+SwallowingConfig = LlamaConfig
+"""
+
+
+def test_a_stop_that_the_validation_swallowed_still_stops_the_command(tmp_path):
+    """SIGTERM while the driver validates becomes an exception in whatever code runs then;
+    code that catches it without re-raising (here a model directory's remote config code) must
+    not turn the stop into a full training run: the command stops before the run directory is
+    made, exit 143, with the command that resumes."""
+    from transformers import LlamaConfig
+
+    model = tmp_path / "model"
+    LlamaConfig(**TINY_LLAMA).save_pretrained(str(model))
+    marker = tmp_path / "signalled"
+    (model / "configuration_swallowing.py").write_text(
+        f"MARKER = {str(marker)!r}\n" + SWALLOWING_CONFIG)
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_swallowing.SwallowingConfig"}
+    (model / "config.json").write_text(json.dumps(config))
+    recipe, run_dir = recipe_file(tmp_path, model={
+        "name_or_path": str(model), "architecture": None, "revision": "local",
+        "trust_remote_code": True, "tokenizer": str(DATA / "tokenizer")})
+    with Driver(tmp_path, recipe) as driver:
+        code = driver.finish(timeout=300)
+    err = driver.err.read_text()
+    assert marker.exists(), err[-3000:]  # the signal was sent and swallowed
+    assert code == 143, err[-3000:]
+    assert "ftlaunch: stopped by SIGTERM. To resume, run:" in err, err[-3000:]
+    assert not run_dir.exists()
 
 
 def test_a_process_forked_under_the_stop_handlers_starts_with_the_default_ones():

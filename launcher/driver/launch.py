@@ -85,6 +85,7 @@ def launch(
 ) -> int:
     """The validated recipe's run directory claimed, trained under the stop signals on the
     session's Ray (None: torchrun), exported."""
+    stop.raise_if_received()  # a stop during the validation that something swallowed
     recipe = prepared.recipe
     run_dir, store = local_run_dir(recipe.output_dir), store_for(recipe.output_dir)
     if store is not None:
@@ -94,6 +95,7 @@ def launch(
     cp = recipe.checkpoint
     with liveness.Driver(run_dir) as driver, HangWatcher(run_dir, recipe.resources), \
             console.no_progress_bars():
+        stop.raise_if_received()  # from here on a signal is a stop request, never an exception
         with stop.Signals(run_dir, cp.on_preempt, cp.preempt_grace_s) as signals:
             if session is None:
                 progress = req.progress and recipe.logging.progress

@@ -201,6 +201,14 @@ def signal_received() -> signal.Signals | None:
     return _received[0] if _received else None
 
 
+def raise_if_received() -> None:
+    """Raise the stop again if a signal arrived under :func:`signals_raise` and the command
+    went on: code that catches ``BaseException`` without re-raising (a library's, or a
+    model's remote code run by the validation) swallows the exception, never the stop."""
+    if _received:
+        raise STOP_EXCEPTIONS[_received[0]]()
+
+
 @contextmanager
 def signals_raise() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into KeyboardInterrupt and :class:`Terminated` while the body
