@@ -132,3 +132,33 @@ def measured(work: Path, system: str, dataset: str) -> tuple[list[float], list[f
                 counts[i] / (ends[i + 1] - ends[i]) for i in range(1, len(counts))))
     assert first, f"no runs of {system} {dataset} under {work}"
     return first, rates
+
+
+def test_step_breakdown_splits_each_rank_by_the_outermost_part_it_names(tmp_path):
+    """py-spy's raw stacks of two processes: samples outside the training loop are left out,
+    each sample counts for the outermost part its stack names, and DeepSpeed's backward is
+    split into communication and autograd."""
+    from benchmarks.step_breakdown import LOOPS, breakdown
+
+    driver = 'process 1:"ftlaunch r.yaml"'
+    rank = f'{driver};process 2:"python -m launcher.train.worker run"'
+    loop = f"{rank};run (launcher/train/loop.py:67);{LOOPS['ftlaunch']}:171);train_step (x.py:1)"
+    engine = "DeepSpeedEngine.backward (deepspeed/runtime/engine.py:1)"
+    profile = tmp_path / "raw.txt"
+    profile.write_text("\n".join([
+        f"{driver};fit (launcher/driver/orchestrate.py:9) 50",  # the driver: not a rank's loop
+        f"{rank};import_module (importlib:1) 30",  # the rank before its loop
+        f"{loop};{engine};average_tensor (stage_1_and_2.py:1);reduce (c10d.py:1) 2",
+        f"{loop};{engine};_engine_run_backward (torch/autograd/graph.py:1) 5",
+        f"{loop};DeepSpeedEngine.forward (engine.py:1);chunked_loss_sum (losses.py:1) 2",
+        f"{loop};all_reduce (launcher/ranks.py:36) 1",
+    ]) + "\n")
+    parts = breakdown(profile, LOOPS["ftlaunch"])
+    assert list(parts) == ['process 2']
+    assert dict(parts['process 2']) == {
+        "total": 10,
+        "DeepSpeed backward: gradient reduction (comm)": 2,
+        "DeepSpeed backward: autograd": 5,
+        "model forward": 2,
+        "ftlaunch: count/loss all-reduces": 1,
+    }
