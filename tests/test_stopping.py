@@ -573,6 +573,8 @@ def test_sigterm_on_an_external_cluster_ends_the_job_not_the_cluster(external_cl
     assert code == 143, driver.output()[-3000:]
     reached = steps_logged(run_dir)[-1]
     assert [c.step for c in ckpt.committed(run_dir)] == [reached]
+    log = (run_dir / "driver.log").read_text()
+    assert f"[ftlaunch] Ray joined at {external_cluster.address}: GCS at " in log
     assert cluster_cpus(external_cluster) == (2.0, 2.0)  # alive, the job's workers gone
     out = resume(tmp_path, err, external_cluster.env)
     assert f"resuming at step {reached}" in out
