@@ -30,8 +30,8 @@ PARTS = (  # (part, frame substring); the outermost matching frame decides
     ("DeepSpeed step", "DeepSpeedEngine.step "),
     ("model forward", "DeepSpeedEngine.forward "),
     ("output projection + cross-entropy (chunked)", "chunked_loss_sum "),
-    ("ftlaunch: count/loss all-reduces", "all_reduce (launcher/ranks.py"),
-    ("ftlaunch: per-step gather of rank times", "gather (launcher/ranks.py"),
+    ("ftlaunch: all-reduce of the step's counts", "all_reduce (launcher/ranks.py"),
+    ("ftlaunch: gather of the ranks' loss and step times", "gather_rows (launcher/ranks.py"),
     ("ftlaunch: stop check", "stop_here "),
     ("ftlaunch: batch assembly", "Batches.make "),
 )

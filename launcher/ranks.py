@@ -44,6 +44,14 @@ def gather(value: Any, rank: Rank) -> list[Any]:
     return out
 
 
+def gather_rows(row: torch.Tensor, rank: Rank) -> list[list[float]]:
+    """Every rank's 1-D tensor ``row`` as a list, in rank order, on every rank: one
+    collective and one device-to-host copy, without pickling."""
+    rows = [torch.empty_like(row) for _ in range(rank.world)]
+    dist.all_gather(rows, row)
+    return torch.stack(rows).tolist()
+
+
 def any_rank(flag: bool, rank: Rank) -> bool:
     value = torch.tensor(int(flag), device=rank.device)
     return bool(all_reduce(value, dist.ReduceOp.MAX).item())

@@ -160,5 +160,5 @@ def test_step_breakdown_splits_each_rank_by_the_outermost_part_it_names(tmp_path
         "DeepSpeed backward: gradient reduction (comm)": 2,
         "DeepSpeed backward: autograd": 5,
         "model forward": 2,
-        "ftlaunch: count/loss all-reduces": 1,
+        "ftlaunch: all-reduce of the step's counts": 1,
     }

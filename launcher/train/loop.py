@@ -18,7 +18,7 @@ from launcher.data.batch import Batches
 from launcher.data.tokenized import PreparedData
 from launcher.model.build import DTYPES, load_model_config, load_tokenizer, resolve_attention
 from launcher.model.losses import causal_lm
-from launcher.ranks import Rank, all_reduce, current_rank, gather
+from launcher.ranks import Rank, all_reduce, current_rank, gather, gather_rows
 from launcher.recipe.run_sections import EarlyStoppingSection
 from launcher.recipe import Recipe
 from launcher.recipe.ds_config import zero_stage
@@ -152,7 +152,7 @@ def evaluate_now(s: Session) -> dict[str, float]:
 
 def train(s: Session) -> tuple[int, PreemptState]:
     """The loop: returns the last step done and the stop state."""
-    recipe, rank, run_dir, engine = s.recipe, s.rank, s.run_dir, s.trainee.engine
+    recipe, rank, run_dir = s.recipe, s.rank, s.run_dir
     steps, stopping = s.inputs.steps, recipe.eval.early_stopping
     saves = engine_state.SaveSchedule(recipe.checkpoint, steps)
     history = eval_history(run_dir, stopping, s.start, rank)
@@ -192,13 +192,9 @@ def train(s: Session) -> tuple[int, PreemptState]:
 
 
 def log_step(s: Session, record: dict[str, Any], logged: bool) -> None:
-    """On a logged step every rank's own step time joins the record (a collective, so every
-    rank takes part); rank 0 writes it."""
-    own = record.pop("own_s")
-    if logged:
-        record["rank_step_s"] = gather(own, s.rank)
-        if s.sink:
-            s.sink.write(record)
+    """Rank 0 writes a logged step's record."""
+    if logged and s.sink:
+        s.sink.write(record)
 
 
 def save(s: Session, step: int) -> None:
@@ -238,13 +234,14 @@ def step_record(s: Session, step: int) -> dict[str, Any]:
 
 def train_step(
     engine: Any, objective: Objective, batches: Batches, plan: Any, step: int, rank: Rank
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One optimizer step over this rank's micro batches. Each micro batch's summed loss is
     divided by the real targets of the whole global batch (and scaled back up by the
     accumulation x world averaging DeepSpeed applies), so the objective does not depend on
-    how the global batch is split. ``own_s`` is this rank's own work in the step: building its
-    micro batches and their forward passes (host time), no collective waits (backward is left
-    out, as gradient reductions overlap it): what tells a straggler from the ranks it holds up."""
+    how the global batch is split. ``rank_step_s`` holds each rank's own work in the step:
+    building its micro batches and their forward passes (host time), no collective waits
+    (backward is left out, as gradient reductions overlap it): what tells a straggler from the
+    ranks it holds up. It travels with the loss, in one gather at the end of the step."""
     began = time.perf_counter()
     timer = PhaseTimer(rank.device)
     slow_step(step, rank)
@@ -268,11 +265,13 @@ def train_step(
         engine.step()
         timer.lap("optim")
         loss_total += loss.detach().double()
-    loss_value = all_reduce(loss_total).item() / targets
+    mine = torch.stack([loss_total, loss_total.new_tensor(own)])
+    rows = gather_rows(mine, rank)  # [[loss sum, own seconds] of each rank]
     seconds = time.perf_counter() - began
     return {
-        "loss": loss_value, "tokens": int(real_tokens), "tokens_per_s": real_tokens / seconds,
-        "own_s": own, **timer.seconds(),
+        "loss": sum(row[0] for row in rows) / targets, "tokens": int(real_tokens),
+        "tokens_per_s": real_tokens / seconds, "rank_step_s": [row[1] for row in rows],
+        **timer.seconds(),
     }
 
 
