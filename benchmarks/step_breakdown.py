@@ -1,6 +1,7 @@
 """Where a training rank's time goes, from a py-spy profile of a whole run.
 
-Record every process of a run (``--idle`` keeps the time spent waiting in collectives), then
+Record every process of a run with py-spy (``pip install py-spy``; ``--idle`` keeps the time
+spent waiting in collectives), then
 split each rank's samples inside its training loop by the outermost frame that names a part
 of the step:
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
 from pathlib import Path
 
 LOOPS = {"ftlaunch": "train (launcher/train/loop.py", "trainer": "Trainer._inner_training_loop"}
@@ -46,10 +48,15 @@ DEEPSPEED_PARTS = (
 
 def breakdown(path: Path, loop: str) -> dict[str, collections.Counter]:
     ranks: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        process = [f for f in frames if f.startswith("process ")][-1].split(":")[0]
+        processes = [f for f in frames if f.startswith("process ")]
+        if not count.isdigit() or not processes:
+            raise ValueError(
+                f"{path}:{number}: not a stack of py-spy's raw format recorded with "
+                "--subprocesses (FRAME;FRAME;... COUNT, led by 'process PID:...' frames)")
+        process = processes[-1].split(":")[0]
         frames = [f for f in frames if not f.startswith("process ")]
         if not any(loop in f for f in frames):
             continue
@@ -76,7 +83,12 @@ def main() -> None:
     parser.add_argument("profile", type=Path, help="py-spy --format raw output")
     parser.add_argument("system", choices=sorted(LOOPS))
     args = parser.parse_args()
-    for process, parts in sorted(breakdown(args.profile, LOOPS[args.system]).items()):
+    try:
+        ranks = breakdown(args.profile, LOOPS[args.system])
+    except (OSError, ValueError) as e:
+        print(f"step_breakdown: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for process, parts in sorted(ranks.items()):
         total = parts.pop("total")
         print(f"{process}: {total} samples in the training loop")
         for part, samples in parts.most_common():

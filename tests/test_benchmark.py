@@ -162,3 +162,9 @@ def test_step_breakdown_splits_each_rank_by_the_outermost_part_it_names(tmp_path
         "model forward": 2,
         "ftlaunch: all-reduce of the step's counts": 1,
     }
+    (tmp_path / "flat.txt").write_text("main (x.py:1);f (x.py:2) 3\n")  # no --subprocesses
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "step_breakdown.py"),
+         str(tmp_path / "flat.txt"), "ftlaunch"], capture_output=True, text=True, check=False)
+    assert done.returncode == 2 and not done.stdout, done
+    assert re.search(r"flat.txt:1: .*--subprocesses", done.stderr), done.stderr
