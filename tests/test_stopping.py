@@ -6,7 +6,6 @@ Saves are slowed down with the launcher's fault hook (launcher/train/faults.py, 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -371,29 +370,6 @@ def test_a_stop_while_the_driver_tokenizes_leaves_no_cache_and_the_command_resum
     assert len(list(cache.iterdir())) == 1
 
 
-def _forked_child_sees() -> str:
-    """Fork; the child reports its SIGINT and SIGTERM handlers and its blocked signals, as
-    text (a handler may be a closure), and always leaves at once: a child that raised would
-    go on running this pytest process's own loop."""
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.write(write, repr(_signal_state()).encode())
-        finally:
-            os._exit(0)
-    os.close(write)
-    with os.fdopen(read, "rb") as pipe:
-        seen = pipe.read().decode()
-    os.waitpid(pid, 0)
-    return seen
-
-
-def _signal_state() -> tuple[object, object, set[signal.Signals]]:
-    return (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
-            signal.pthread_sigmask(signal.SIG_BLOCK, []))
-
-
 SWALLOWING_CONFIG = """import os
 import signal
 import time
@@ -442,49 +418,6 @@ def test_a_stop_that_the_validation_swallowed_still_stops_the_command(tmp_path):
     assert code == 143, err[-3000:]
     assert "ftlaunch: stopped by SIGTERM. To resume, run:" in err, err[-3000:]
     assert not run_dir.exists()
-
-
-def test_a_process_forked_under_the_stop_handlers_starts_with_the_default_ones():
-    from launcher.driver.stop import signals_raise
-
-    with signals_raise():
-        assert _forked_child_sees() == repr((signal.SIG_DFL, signal.SIG_DFL, set()))
-        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the parent's, restored
-        installed = repr(_signal_state())
-    outside = _forked_child_sees()  # without ftlaunch's handlers a child inherits as usual
-    assert outside == repr(_signal_state()) != installed
-
-
-POOLS_ENDED_AT_ONCE = """
-import multiprocess
-from launcher.driver.stop import signals_raise
-with signals_raise():
-    for _ in range(200):
-        with multiprocess.Pool(2):
-            pass
-print("all pools ended")
-"""
-
-
-def test_tokenizer_pools_ended_as_they_start_never_hang(tmp_path):
-    """A ``datasets.map`` that fails on its first rows terminates its pool while the workers
-    are still starting. Workers that inherited the driver's Python-level SIGTERM handler could
-    lose the pool's SIGTERM and wait forever on the queue lock their parent holds: on main,
-    most runs of these 200 pools hung (as ``ftlaunch check`` of a file whose first row is bad
-    did, once in ~20). Run in its own session, so that a hang leaves no worker holding the
-    test's pipes."""
-    out = tmp_path / "out.txt"
-    with out.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", POOLS_ENDED_AT_ONCE], cwd=ROOT,
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            code = None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind
-    assert code == 0 and "all pools ended" in out.read_text(), (code, out.read_text()[-3000:])
 
 
 def test_ray_stops_in_startup_mid_run_and_mid_resume_then_resumes(tmp_path):

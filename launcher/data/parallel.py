@@ -1,21 +1,25 @@
-"""Tokenizing row tables in parallel: ``datasets.map(batched=True, num_proc=N)`` with the
-Encoder, into Arrow files that hold one encoded row per input row (dropped rows keep their
-place, with no tokens), so a split is chosen afterwards by row number.
+"""Tokenizing row tables in parallel: ``datasets.map(batched=True)`` with the Encoder over
+contiguous shards of each table, one forked process per shard (``forked.py``: a stop ends them
+at once; ``datasets.map(num_proc=N)``'s own pool could hang on it), into Arrow files that
+hold one encoded row per input row (dropped rows keep their place, with no tokens), so a split
+is chosen afterwards by row number.
 
-A bad row raises UserInputError naming its place in whichever process reads it; ``datasets``
-re-raises it here, and the caller removes the half-written work directory."""
+A bad row raises UserInputError naming its place in whichever process reads it; it is raised
+again here, and the caller removes the half-written work directory."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from launcher.data.encode import KEPT, TRUNCATED, Encoder, finish
+from launcher.data.forked import Report, run_shards
 from launcher.data.rowtable import RowNaming, RowTable
 
 
@@ -94,24 +98,77 @@ def encode_tables(
     """Encode every table, each with up to ``num_proc`` processes, and no more processes
     than this process has CPUs (more would only wait for them, each holding a tokenizer) nor
     than one per ROWS_PER_PROCESS rows."""
+    from datasets.utils import tqdm as hf_tqdm
+
     files: list[Path] = []
-    lengths, status = [], []
     features = encoded_features(encoder)
     for n, table in enumerate(tables):
         ds = table.dataset
         if len(ds) == 0:
             continue
         procs = max(1, min(num_proc, available_cpus(), len(ds) // ROWS_PER_PROCESS))
-        out = ds.map(
-            encode_batch, batched=True, batch_size=ROWS_PER_PROCESS, with_indices=True,
-            num_proc=procs if procs > 1 else None, remove_columns=ds.column_names,
-            features=features, fn_kwargs={"naming": table.naming, "encoder": encoder},
-            cache_file_name=str(work / f"encoded-{n}.arrow"), load_from_cache_file=False,
-            new_fingerprint=uuid.uuid4().hex, desc=f"tokenizing {table.naming.prefix.rstrip(': ')}",
+        desc = f"tokenizing {table.naming.prefix.rstrip(': ')}"
+        encode = EncodeShard(table, encoder, features)
+        if procs == 1:
+            files.append(encode(0, len(ds), work / f"encoded-{n}.arrow", desc=desc))
+            continue
+        bounds = np.linspace(0, len(ds), procs + 1).astype(int)
+        paths = [work / f"encoded-{n}-{i}.arrow" for i in range(procs)]
+        shards = [partial(_in_child, encode, start, end, path)
+                  for start, end, path in zip(bounds[:-1], bounds[1:], paths)]
+        with hf_tqdm(total=len(ds), unit=" examples", desc=f"{desc} (num_proc={procs})") as bar:
+            run_shards(shards, work / f"shards-{n}", bar.update)
+        files.extend(paths)
+    return _read_encoded(files)
+
+
+@dataclass(frozen=True)
+class EncodeShard:
+    """Rows ``start:end`` of a table through the Encoder into one Arrow file, reporting each
+    batch done when told how (a forked shard) or with datasets' own bar (``desc``)."""
+
+    table: RowTable
+    encoder: Encoder
+    features: Any
+
+    def __call__(self, start: int, end: int, path: Path, report: Report | None = None,
+                 desc: str | None = None) -> Path:
+        ds = self.table.dataset
+        rows = ds if (start, end) == (0, len(ds)) else ds.select(range(start, end))
+        rows.map(
+            _encode_and_report, batched=True, batch_size=ROWS_PER_PROCESS, with_indices=True,
+            remove_columns=ds.column_names, features=self.features,
+            fn_kwargs={"naming": self.table.naming, "encoder": self.encoder, "offset": start,
+                       "report": report},
+            cache_file_name=str(path), load_from_cache_file=False,
+            new_fingerprint=uuid.uuid4().hex, desc=desc,
         )
-        files.extend(Path(f["filename"]) for f in out.cache_files)
-        lengths.append(out.data.column("length").to_numpy())
-        status.append(out.data.column("status").to_numpy())
-    if not lengths:
+        return path
+
+
+def _in_child(encode: EncodeShard, start: int, end: int, path: Path, report: Report) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # the parent's bar counts what the shards report
+    encode(start, end, path, report=report)
+
+
+def _encode_and_report(batch: dict[str, list[Any]], indices: list[int], naming: RowNaming,
+                       encoder: Encoder, offset: int, report: Report | None) -> dict[str, list[Any]]:
+    out = encode_batch(batch, [offset + i for i in indices], naming, encoder)
+    if report is not None:
+        report(len(indices))
+    return out
+
+
+def _read_encoded(files: list[Path]) -> EncodedRows:
+    if not files:
         return EncodedRows((), np.zeros(0, np.int32), np.zeros(0, np.int8))
+    import datasets
+
+    lengths, status = [], []
+    for path in files:
+        table = datasets.Dataset.from_file(str(path)).data
+        lengths.append(table.column("length").to_numpy())
+        status.append(table.column("status").to_numpy())
     return EncodedRows(tuple(files), np.concatenate(lengths), np.concatenate(status))

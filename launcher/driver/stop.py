@@ -12,7 +12,6 @@ progress (which is then never committed, so resume skips it), and exits 128 + th
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -35,82 +34,6 @@ def resume_command(argv: list[str]) -> str:
     return f"cd {shlex.quote(os.getcwd())} && ftlaunch {shlex.join(argv)}"
 
 
-class _ChildrenStartDefault:
-    """While the driver's handlers are installed, a process forked from it (a ``datasets.map``
-    pool's worker) starts with SIGINT and SIGTERM at their default action, so the pool's
-    terminate (SIGTERM) and a Ctrl-C kill it at once: its parent does the stop.
-
-    Inheriting the Python-level handler instead loses signals: one that arrives before the
-    child's interpreter has reset its signal state after the fork is dropped, and a worker
-    that then waits on the pool's queue lock blocks its parent's ``Pool.terminate`` forever.
-    So the signals are blocked across the fork, and the child unblocks them only after the
-    default action is back: one sent meanwhile stays pending and then kills it.
-
-    A child forked by the main thread also ends when the driver does (Linux:
-    ``PR_SET_PDEATHSIG``): killed with SIGKILL, the driver left the pool's workers and its
-    manager process waiting for good. The signal follows the thread that forked, so a worker
-    the pool's own handler thread forks to replace a dead one is left out: that thread ends
-    with the pool, and the signal would kill the new worker while it may hold the queue's
-    lock, on which ``Pool.terminate`` then waits forever. Only Python-level forks run these
-    hooks: ``subprocess`` children (torchrun, Ray's processes) are not touched."""
-
-    def __init__(self) -> None:
-        self.holders = 0
-        self.masks = threading.local()
-        os.register_at_fork(
-            before=self._before, after_in_parent=self._restore_mask,
-            after_in_child=self._child,
-        )
-
-    def hold(self) -> None:
-        self.holders += 1
-
-    def release(self) -> None:
-        self.holders -= 1
-
-    def _before(self) -> None:
-        self.masks.previous = (
-            signal.pthread_sigmask(signal.SIG_BLOCK, EXIT_CODES) if self.holders else None
-        )
-        on_main = threading.current_thread() is threading.main_thread()
-        self.masks.parent = os.getpid() if on_main else None
-
-    def _restore_mask(self) -> None:
-        previous = getattr(self.masks, "previous", None)
-        if previous is not None:
-            self.masks.previous = None
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-    def _child(self) -> None:
-        if getattr(self.masks, "previous", None) is None:
-            return
-        self.holders = 0
-        try:
-            for sig in EXIT_CODES:
-                signal.signal(sig, signal.SIG_DFL)
-            if self.masks.parent is not None:
-                _end_with(self.masks.parent)
-        finally:
-            self._restore_mask()
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _end_with(parent: int) -> None:
-    """This process gets SIGKILL when the thread that forked it ends (Linux only)."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    if ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0 \
-            and os.getppid() != parent:  # the parent ended before the call
-        os._exit(1)
-
-
-_children_default = _ChildrenStartDefault()
-
-
 class Signals:
     """The driver's SIGINT/SIGTERM handling while workers run. The first signal writes the
     stop request; a second one (or the deadline) means: kill now."""
@@ -127,7 +50,6 @@ class Signals:
     def __enter__(self) -> Signals:
         for sig in EXIT_CODES:
             self._previous[sig] = signal.signal(sig, self._handle)
-        _children_default.hold()
         return self
 
     def reclaim(self) -> None:
@@ -138,7 +60,6 @@ class Signals:
             signal.signal(sig, self._handle)
 
     def __exit__(self, *exc: Any) -> None:
-        _children_default.release()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
@@ -214,10 +135,9 @@ def signals_raise() -> Iterator[None]:
     """Turn SIGINT and SIGTERM into KeyboardInterrupt and :class:`Terminated` while the body
     runs (main thread only), so ``finally`` blocks run and the CLI can exit 130/143 with a
     message instead of dying silently. The signal is remembered (:func:`signal_received`):
-    a library whose clean-up raises something else on the way out (``datasets.map`` with
-    ``num_proc`` does) must not turn a stop into a crash. A process forked from this one
-    (a tokenizer pool's worker) starts with the default handlers
-    (:class:`_ChildrenStartDefault`)."""
+    a library whose clean-up raises something else on the way out (a ``multiprocessing``
+    pool's result wait raising a timeout) must not turn a stop into a crash. The tokenizer's
+    processes set their own handlers (``data/forked.py``)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -229,10 +149,8 @@ def signals_raise() -> Iterator[None]:
         raise STOP_EXCEPTIONS[sig]()
 
     previous = {sig: signal.signal(sig, handler) for sig in STOP_EXCEPTIONS}
-    _children_default.hold()
     try:
         yield
     finally:
-        _children_default.release()
         for sig, before in previous.items():
             signal.signal(sig, before)

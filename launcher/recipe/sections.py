@@ -282,8 +282,9 @@ class DataSection(Section):
     )
     num_proc: PositiveInt | None = Field(
         None,
-        description="Processes that tokenize the data in parallel (datasets.map); default, and "
-        "at most, the CPUs this process may use. Does not change the tokens (nor the cache key).",
+        description="Processes that tokenize the data in parallel (datasets.map on a "
+        "contiguous shard each); default, and at most, the CPUs this process may use. Does not "
+        "change the tokens (nor the cache key).",
     )
 
     @model_validator(mode="before")
