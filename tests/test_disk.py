@@ -9,6 +9,7 @@ that is missing, those cases are skipped."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -78,3 +79,55 @@ def test_a_disk_that_fills_during_a_save_says_so_and_the_rerun_resumes(tmp_path,
     assert (run_dir / "final" / "config.json").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [
         "step_00000002", "step_00000004"]
+
+
+def _big_data(tmp_path: Path, rows: int = 4000) -> Path:
+    """Enough rows for two tokenizing processes (one per 1,000 rows, up to the CPUs)."""
+    import json
+    import random
+
+    from launcher.data.synthetic import make_example
+
+    rng = random.Random(0)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(make_example(rng)) + "\n" for _ in range(rows)))
+    return path
+
+
+def _row_tables_size(data: Path, work: Path) -> int:
+    from launcher.data.read import numeric_fields
+    from launcher.data.rowtable import row_tables
+    from launcher.recipe.sections import DataSection
+
+    cfg = DataSection(train=str(data), format="instruction", validation=None)
+    row_tables(cfg.train, frozenset(numeric_fields(cfg)), work)
+    return sum(p.stat().st_size for p in work.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("disk", ["full while tokenizing", "read-only"])
+def test_a_cache_dir_that_is_full_or_read_only_is_exit_2_naming_it(tmp_path, cli, tmpfs, disk):
+    """The tokenized data cannot be written: exit 2 naming data.cache_dir's line, no
+    traceback, nothing left in the cache. Full: the rows fit, the tokenizing processes'
+    output does not, so the error is raised in a forked process and crosses to the driver."""
+    from launcher.data.parallel import available_cpus
+
+    data = _big_data(tmp_path)
+    if disk == "read-only":
+        cache = tmpfs("ro", "size=1m,ro") / "cache"
+    else:
+        mount = tmpfs("small", "size=2m")
+        room = _row_tables_size(data, tmp_path / "measure") + 150 * 1024
+        (mount / "ballast").write_bytes(b"\0" * (2 * 1024 * 1024 - room))
+        cache = mount / "cache"
+    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_recipe(
+        tmp_path / "run", data={"train": str(data), "validation": None,
+                                "cache_dir": str(cache), "num_proc": 2}))
+    code, _, err = cli("check", recipe)
+    assert code == 2, err
+    reason = "Read-only file system" if disk == "read-only" else "No space left on device"
+    assert re.search(rf"recipe.yaml:\d+: data.cache_dir: cannot write the tokenized data under "
+                     rf"{re.escape(str(cache))}: {reason}; nothing was cached", err), err
+    assert "Traceback" not in err
+    if disk != "read-only":
+        assert available_cpus() < 2 or "(num_proc=2)" in err  # it failed in the processes
+        assert list(cache.iterdir()) == []

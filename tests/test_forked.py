@@ -3,7 +3,9 @@ a bad row, a crash or a killed parent leaves behind: no process, no zombie, the 
 
 from __future__ import annotations
 
+import errno
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -61,7 +63,7 @@ def test_shards_report_progress_and_start_with_default_signal_handling(tmp_path)
     counted = []
     with signals_raise():
         installed = signal.getsignal(signal.SIGTERM)
-        run_shards([shard] * 3, tmp_path / "scratch", counted.append)
+        run_shards([shard] * 3, counted.append)
         assert signal.getsignal(signal.SIGTERM) is installed
         assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == set()  # the parent's, restored
     assert sum(counted) == 3 * 100 * 7
@@ -79,7 +81,7 @@ def test_a_stop_in_the_wait_kills_and_reaps_every_shard_first(tmp_path):
                       if all(p.exists() for p in pids_written) else signal.alarm(1))
         signal.alarm(1)
         try:
-            run_shards(shards, tmp_path / "scratch", lambda n: None)
+            run_shards(shards, lambda n: None)
         finally:
             signal.alarm(0)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
@@ -95,9 +97,29 @@ def test_a_bad_row_in_one_shard_is_the_users_error_and_ends_the_others(tmp_path)
         raise UserInputError("data.jsonl:4001", "field 'prompt' is missing")
 
     with pytest.raises(UserInputError) as raised:
-        run_shards([bad, sleeper], tmp_path / "scratch", lambda n: None)
+        run_shards([bad, sleeper], lambda n: None)
     assert (raised.value.where, raised.value.message) == ("data.jsonl:4001",
                                                           "field 'prompt' is missing")
+    assert _gone(int(sleeper.path.read_text()))
+
+
+def test_the_first_bad_row_in_file_order_is_reported_whichever_process_fails_first(tmp_path):
+    """Shard 1 fails first; shard 0, still running, fails later on an earlier row: the error
+    is shard 0's, and shard 2 (whose rows come after the failure) was killed meanwhile."""
+    marker = tmp_path / "second failed"
+    sleeper = Sleeper(tmp_path, 2)
+
+    def first(report) -> None:
+        _wait_for([marker, sleeper.path])
+        time.sleep(0.5)  # the parent has seen shard 1 end
+        raise UserInputError("f.jsonl:10", "bad")
+
+    def second(report) -> None:
+        marker.touch()
+        raise UserInputError("f.jsonl:2010", "bad")
+
+    with pytest.raises(UserInputError, match="f.jsonl:10: bad"):
+        run_shards([first, second, sleeper], lambda n: None)
     assert _gone(int(sleeper.path.read_text()))
 
 
@@ -107,18 +129,49 @@ def test_a_crashed_or_killed_shard_is_a_failure_that_says_which_and_why(tmp_path
 
     with pytest.raises(ShardFailed, match=r"(?s)process 0 exited 1:.*ZeroDivisionError: the "
                                           r"encoder divided by zero"):
-        run_shards([crash], tmp_path / "scratch", lambda n: None)
+        run_shards([crash], lambda n: None)
 
     def killed(report) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     with pytest.raises(ShardFailed, match=r"process 1 was killed by SIGKILL \(out of memory\?"):
-        run_shards([lambda report: None, killed], tmp_path / "scratch", lambda n: None)
+        run_shards([lambda report: None, killed], lambda n: None)
+
+
+def test_a_full_disk_in_a_shard_stays_an_os_error_and_long_failures_arrive_whole(tmp_path):
+    """The caller tells a full disk from a crash by errno, so an OSError crosses as one,
+    file name included. A failure longer than one atomic pipe write is shortened (a
+    traceback keeps its end), never cut into a line that garbles what the others report."""
+
+    def full(report) -> None:
+        report(5)
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.arrow"))
+
+    with pytest.raises(OSError) as raised:
+        run_shards([full], lambda n: None)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(tmp_path / "x.arrow"))
+    assert "in full" in str(raised.value.__cause__)  # the child's traceback
+
+    def chatty(report) -> None:
+        for _ in range(2000):
+            report(1)
+
+    def long_failure(report) -> None:
+        def deep(n: int) -> None:
+            if n:
+                deep(n - 1)
+            raise ValueError("x" * 50_000 + " the end")
+        deep(100)
+
+    counted = []
+    with pytest.raises(ShardFailed, match=r"(?s)process 2 exited 1:\n\.\.\..*x the end") as raised:
+        run_shards([chatty, chatty, long_failure], counted.append)
+    assert len(str(raised.value)) < select.PIPE_BUF
+    assert sum(counted) <= 4000  # every line read was a whole one
 
 
 FAILING_AT_ONCE = """
-import sys, time
-from pathlib import Path
+import time
 from launcher.data.forked import run_shards
 from launcher.driver.stop import signals_raise
 from launcher.errors import UserInputError
@@ -127,10 +180,9 @@ def bad(report):
     raise UserInputError("f.jsonl:1", "bad")
 
 with signals_raise():
-    for n in range(200):
+    for _ in range(200):
         try:
-            run_shards([bad, lambda report: time.sleep(0.01)], Path(sys.argv[1]) / str(n),
-                       lambda done: None)
+            run_shards([bad, lambda report: time.sleep(0.01)], lambda done: None)
         except UserInputError:
             pass
 print("all ended")
@@ -143,7 +195,7 @@ def test_shards_failing_as_they_start_never_hang(tmp_path):
     Run in a session of its own, so that a hang leaves nothing holding the test's pipes."""
     out = tmp_path / "out.txt"
     with out.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-c", FAILING_AT_ONCE, str(tmp_path)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-c", FAILING_AT_ONCE], cwd=ROOT,
                                 stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=120)
@@ -168,7 +220,7 @@ def sleeper(index):
         time.sleep(600)
     return shard
 
-run_shards([sleeper(0), sleeper(1)], Path(sys.argv[1]) / "scratch", lambda done: None)
+run_shards([sleeper(0), sleeper(1)], lambda done: None)
 """
 
 

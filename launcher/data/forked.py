@@ -5,8 +5,10 @@ once and for good.
 or SIGTERM raised in the parent while it waits sends that pool through ``Pool.terminate``,
 which can wait forever: under load, one SIGTERM in 19 to a driver that was tokenizing hung
 there (the pool's task thread blocked on its task queue's lock, the parent joining it). A
-child here shares no lock with its parent: it reports progress as lines on a pipe, and how it
-ended as its exit status and, when it failed, a JSON file. However the parent leaves its wait
+child here shares no lock with its parent: it reports progress, and what failed in it, as
+lines on a pipe (each one write of at most PIPE_BUF bytes, so lines of different children never
+interleave; nothing goes through the disk, which may be the thing that is full), and how it
+ended as its exit status. However the parent leaves its wait
 (a stop, a failed shard), it kills the children that are left with SIGKILL and reaps them
 before the exception goes on, so nothing can wait on a child that will never answer.
 
@@ -26,8 +28,7 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from launcher.errors import UserInputError
 
@@ -43,20 +44,23 @@ class ShardFailed(RuntimeError):
     """A shard's process crashed or was killed (not bad input, which is a UserInputError)."""
 
 
-def run_shards(shards: Sequence[Shard], scratch: Path, progress: Report) -> None:
+def run_shards(shards: Sequence[Shard], progress: Report) -> None:
     """Run each shard in a child of its own and wait for all of them, calling ``progress``
     with what they report. A shard that raised UserInputError raises it here (same place,
-    same message); one that crashed or was killed raises ShardFailed. ``scratch`` holds the
-    children's failure files."""
-    scratch.mkdir(parents=True, exist_ok=True)
+    same message), OSError likewise (same errno and file: a full disk stays one); one that
+    crashed otherwise or was killed raises ShardFailed. When shards fail, the error raised is
+    the first shard's in order (the first bad row of a file, whichever process reaches its
+    own first): the shards after a failed one are killed at once, those before it finish."""
     read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
     children: dict[int, int] = {}
+    lines = _Lines(progress)
     try:
         for index, shard in enumerate(shards):
-            _fork(shard, index, scratch, (read_fd, write_fd), children)
+            _fork(shard, index, (read_fd, write_fd), children)
         os.close(write_fd)
         write_fd = -1
-        _wait(children, read_fd, scratch, progress)
+        _wait(children, read_fd, lines)
     finally:
         for pid in children:
             _kill(pid)
@@ -67,44 +71,72 @@ def run_shards(shards: Sequence[Shard], scratch: Path, progress: Report) -> None
             os.close(write_fd)
 
 
-def _wait(children: dict[int, int], read_fd: int, scratch: Path, progress: Report) -> None:
-    """Until every child has ended: progress as it comes, each child reaped as it ends (and
-    taken out of ``children``); the first that failed raises."""
-    unread = b""
+def _wait(children: dict[int, int], read_fd: int, lines: _Lines) -> None:
+    """Reap the children as they end (taking them out of ``children``) and read what they
+    report, until all have ended or the first failed shard in order is known."""
+    errors: dict[int, BaseException] = {}
     while children:
-        if select.select([read_fd], [], [], 0.1)[0]:
-            lines = (unread + os.read(read_fd, 65536)).split(b"\n")
-            unread = lines.pop()
-            if done := sum(int(line) for line in lines):
-                progress(done)
-        for pid in list(children):
+        select.select([read_fd], [], [], 0.1)
+        lines.read(read_fd)
+        for pid, index in list(children.items()):
             ended, status = os.waitpid(pid, os.WNOHANG)
-            if ended:
-                index = children.pop(pid)
-                if status:
-                    raise _failure(index, status, scratch)
-    while chunk := os.read(read_fd, 65536):  # all writers have ended: no wait
-        unread += chunk
-    if done := sum(int(line) for line in unread.split()):
-        progress(done)
+            if not ended:
+                continue
+            del children[pid]
+            if status:
+                lines.read(read_fd)  # what it wrote before it ended
+                errors[index] = _failure(index, status, lines.failures.get(index, {}))
+                for later, other in children.items():
+                    if other > index:
+                        _kill(later)
+        if errors and all(index > min(errors) for index in children.values()):
+            raise errors[min(errors)]
+    lines.read(read_fd)
 
 
-def _failure(index: int, status: int, scratch: Path) -> BaseException:
+class _Lines:
+    """What the children wrote: a number is progress, a JSON object one child's failure."""
+
+    def __init__(self, progress: Report):
+        self.progress = progress
+        self.failures: dict[int, dict[str, Any]] = {}
+        self.unread = b""
+
+    def read(self, fd: int) -> None:
+        """Whatever is in the pipe now (non-blocking)."""
+        chunks = [self.unread]
+        try:
+            while chunk := os.read(fd, 65536):
+                chunks.append(chunk)
+        except BlockingIOError:
+            pass
+        *lines, self.unread = b"".join(chunks).split(b"\n")
+        done = 0
+        for line in lines:
+            if line.startswith(b"{"):
+                failure = json.loads(line)
+                self.failures[failure["index"]] = failure
+            else:
+                done += int(line)
+        if done:
+            self.progress(done)
+
+
+def _failure(index: int, status: int, failure: dict[str, Any]) -> BaseException:
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status))
         hint = " (out of memory? fewer processes, data.num_proc, need less)" \
             if sig == signal.SIGKILL else ""
         return ShardFailed(f"tokenizing process {index} was killed by {sig.name}{hint}")
-    report = _failure_file(scratch, index)
-    failure = json.loads(report.read_text()) if report.is_file() else {}
     if "where" in failure:
         return UserInputError(failure["where"], failure["message"])
-    return ShardFailed(f"tokenizing process {index} exited {os.WEXITSTATUS(status)}:\n"
-                       + failure.get("traceback", "(no traceback)"))
-
-
-def _failure_file(scratch: Path, index: int) -> Path:
-    return scratch / f"shard-{index}.failure.json"
+    crash = ShardFailed(f"tokenizing process {index} exited {os.WEXITSTATUS(status)}:\n"
+                        + failure.get("traceback", "(no traceback)"))
+    if "errno" in failure:
+        error = OSError(failure["errno"], failure["strerror"], failure["filename"])
+        error.__cause__ = crash
+        return error
+    return crash
 
 
 def _kill(pid: int) -> None:
@@ -114,8 +146,7 @@ def _kill(pid: int) -> None:
         pass
 
 
-def _fork(shard: Shard, index: int, scratch: Path, pipe: tuple[int, int],
-          children: dict[int, int]) -> None:
+def _fork(shard: Shard, index: int, pipe: tuple[int, int], children: dict[int, int]) -> None:
     """Fork the shard's child and enter it into ``children`` before a stop signal can be
     handled here, so the clean-up that a stop runs knows every child."""
     parent = os.getpid()
@@ -125,40 +156,53 @@ def _fork(shard: Shard, index: int, scratch: Path, pipe: tuple[int, int],
             warnings.simplefilter("ignore", DeprecationWarning)
             pid = os.fork()
         if pid == 0:
-            _child(shard, index, scratch, pipe, parent, mask)
+            _child(shard, index, pipe, parent, mask)
         children[pid] = index
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
 
-def _child(shard: Shard, index: int, scratch: Path, pipe: tuple[int, int],
-           parent: int, mask: set[signal.Signals]) -> NoReturn:
+def _child(shard: Shard, index: int, pipe: tuple[int, int], parent: int,
+           mask: set[signal.Signals]) -> NoReturn:
     code = 1
+    read_fd, write_fd = pipe
     try:
         for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         _end_with(parent)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        read_fd, write_fd = pipe
         os.close(read_fd)
 
-        def report(done: int) -> None:  # one short write: lines of children never interleave
+        def report(done: int) -> None:
             os.write(write_fd, b"%d\n" % done)
 
         shard(report)
         code = 0
     except UserInputError as e:
-        _write_failure(scratch, index, {"where": e.where, "message": e.message})
+        _send(write_fd, {"index": index, "where": e.where, "message": e.message})
         code = EXIT_INPUT_ERROR
+    except OSError as e:
+        _send(write_fd, {"index": index, "errno": e.errno, "strerror": e.strerror,
+                         "filename": e.filename, "traceback": traceback.format_exc()})
     except BaseException:
-        _write_failure(scratch, index, {"traceback": traceback.format_exc()})
+        _send(write_fd, {"index": index, "traceback": traceback.format_exc()})
     finally:
         os._exit(code)
 
 
-def _write_failure(scratch: Path, index: int, failure: dict[str, str]) -> None:
+def _send(fd: int, failure: dict[str, Any]) -> None:
+    """One line in one write of at most PIPE_BUF bytes: while it is longer, the longest text
+    in it is halved (a traceback keeps its end, any other text its start)."""
+    line = json.dumps(failure).encode() + b"\n"
+    while len(line) > select.PIPE_BUF:
+        name = max((k for k, v in failure.items() if isinstance(v, str)),
+                   key=lambda k: len(failure[k]))
+        text = failure[name]
+        half = len(text) // 2
+        failure[name] = "..." + text[len(text) - half:] if name == "traceback" else text[:half] + "..."
+        line = json.dumps(failure).encode() + b"\n"
     try:
-        _failure_file(scratch, index).write_text(json.dumps(failure))
+        os.write(fd, line)
     except OSError:
         pass  # the exit status still says it failed
 

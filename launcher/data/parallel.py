@@ -117,7 +117,7 @@ def encode_tables(
         shards = [partial(_in_child, encode, start, end, path)
                   for start, end, path in zip(bounds[:-1], bounds[1:], paths)]
         with hf_tqdm(total=len(ds), unit=" examples", desc=f"{desc} (num_proc={procs})") as bar:
-            run_shards(shards, work / f"shards-{n}", bar.update)
+            run_shards(shards, bar.update)
         files.extend(paths)
     return _read_encoded(files)
 

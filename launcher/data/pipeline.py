@@ -8,6 +8,7 @@ published only when whole."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -39,8 +40,35 @@ def prepare_data(
 ) -> PreparedData:
     """Read, validate and tokenize train/validation, through the cache when it is warm. An
     entry that fails its checksums is rebuilt, never used; what is returned was verified."""
-    key = cache_key(cfg, tokenizer, labels, seed)
     root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    try:
+        return _prepare_in(root, cfg, tokenizer, seed, labels)
+    except OSError as e:
+        if e.errno not in UNWRITABLE or (e.errno in NOT_PERMITTED and not _under(e, root)):
+            raise
+        raise UserInputError("data.cache_dir", _unwritable(root, e)) from e
+
+
+UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+NOT_PERMITTED = {errno.EACCES, errno.EPERM}  # may be a data file's: the cache's only if under it
+
+
+def _under(error: OSError, root: Path) -> bool:
+    return error.filename is not None and Path(error.filename).is_relative_to(root)
+
+
+def _unwritable(root: Path, error: OSError) -> str:
+    """What the user reads when the cache's filesystem refused the tokenized data."""
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return (f"cannot write the tokenized data under {root}: {os.strerror(error.errno)}; "
+            f"nothing was cached. {'Free space there, or set' if full else 'Set'} "
+            "data.cache_dir (or FTLAUNCH_CACHE) to a writable directory with room for it")
+
+
+def _prepare_in(
+    root: Path, cfg: DataSection, tokenizer: Any, seed: int, labels: LabelsSection | None
+) -> PreparedData:
+    key = cache_key(cfg, tokenizer, labels, seed)
     if key is None:  # not identifiable: tokenized afresh, mapped, and the files unlinked
         with _scratch(root, "uncached") as tmp:
             build_entry(cfg, tokenizer, seed, labels, tmp)
