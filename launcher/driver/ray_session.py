@@ -33,28 +33,18 @@ from typing import Any
 from launcher.driver import orchestrate
 from launcher.recipe.run_sections import ResourcesSection
 
-_unsettled: list[RaySession] = []  # sessions left while Ray was still starting
+_unsettled: list[threading.Thread] = []  # sessions left while Ray was still starting
 
 
 def settle() -> None:
-    """Wait until every session left unfinished by a failed launch has shut its Ray down.
-    A second Ctrl-C gives up waiting: the processes those sessions' Ray started are killed
-    (the node processes would die with this process, but the agents that the raylet starts
-    are not tied to it and would linger for a minute)."""
+    """Wait until every session left unfinished by a failed launch has shut its Ray down
+    (a second Ctrl-C gives up waiting: the node processes die with this process)."""
     try:
         while _unsettled:
             _unsettled[0].join()
             _unsettled.pop(0)
     except KeyboardInterrupt:
-        for session in _unsettled:
-            session.kill_started()
-        _unsettled.clear()
-
-
-def _children() -> set[int]:
-    import psutil
-
-    return {child.pid for child in psutil.Process().children()}
+        pass
 
 
 class RaySession:
@@ -70,7 +60,6 @@ class RaySession:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
-        self._children_before: set[int] = set()
         self.here = False  # connected here, so this session shuts Ray down
 
     def __enter__(self) -> RaySession:
@@ -81,22 +70,9 @@ class RaySession:
         if self._thread is None:
             return
         if error is not None:
-            _unsettled.append(self)
+            _unsettled.append(self._thread)
             return
         self._thread.join()
-
-    def join(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-
-    def kill_started(self) -> None:
-        """SIGKILL every process tree this session started (those of this process's children
-        that were not there when it opened): the embedded Ray's, when it is given up."""
-        for pid in _children() - self._children_before:
-            try:
-                orchestrate.kill_tree(pid, timeout_s=5)
-            except RuntimeError:
-                pass  # a process in uninterruptible sleep: nothing more to do from here
 
     def open(self) -> None:
         settle()  # an earlier launch in this process may still be shutting its Ray down
@@ -104,7 +80,6 @@ class RaySession:
 
         if self._thread is not None or ray.is_initialized():
             return  # already connected, by this session or by the caller
-        self._children_before = _children()
         self._thread = threading.Thread(target=self._hold, name="ftlaunch-ray", daemon=True)
         self._thread.start()
 
