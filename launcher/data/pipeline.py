@@ -44,7 +44,7 @@ def prepare_data(
     try:
         return _prepare_in(root, cfg, tokenizer, seed, labels)
     except OSError as e:
-        if e.errno not in UNWRITABLE or (e.errno in NOT_PERMITTED and not _under(e, root)):
+        if e.errno not in UNWRITABLE or not _may_be_under(e, root):
             raise
         raise UserInputError("data.cache_dir", _unwritable(root, e)) from e
 
@@ -53,8 +53,12 @@ UNWRITABLE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM
 NOT_PERMITTED = {errno.EACCES, errno.EPERM}  # may be a data file's: the cache's only if under it
 
 
-def _under(error: OSError, root: Path) -> bool:
-    return error.filename is not None and Path(error.filename).is_relative_to(root)
+def _may_be_under(error: OSError, root: Path) -> bool:
+    """The error names a file under the cache, or (a write error from pyarrow names none) it
+    is one only a write raises."""
+    if error.filename is None:
+        return error.errno not in NOT_PERMITTED
+    return Path(error.filename).is_relative_to(root)
 
 
 def _unwritable(root: Path, error: OSError) -> str:
